@@ -1,0 +1,186 @@
+"""Typed run configuration: dataclasses (a docstring per field), one YAML file, `--a.b=c` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+import yaml
+
+from engine.errors import ConfigError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family decoder (Llama, Mistral, Qwen2)."""
+
+    arch: str = "llama"
+    """Family: llama, mistral or qwen2 (decides HF class name and defaults such as qkv bias)."""
+    vocab_size: int = 512
+    """Tokens in the vocabulary (unpadded; TP pads the embedding internally)."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    intermediate_size: int = 344
+    """Width of the SwiGLU MLP."""
+    num_layers: int = 4
+    """Decoder layers."""
+    num_heads: int = 4
+    """Query heads."""
+    num_kv_heads: int | None = None
+    """Key/value heads (GQA); None means num_heads."""
+    head_dim: int | None = None
+    """Per-head width; None means hidden_size // num_heads."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the model is meant for (also the rollout context limit)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: dict | None = None
+    """HF rope_scaling dict (`llama3` or `linear`), or None."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Output head shares the input embedding."""
+    attention_bias: bool = False
+    """Bias on q/k/v projections (Qwen2 has it)."""
+    sliding_window: int | None = None
+    """Mistral sliding-window attention span, or None for full causal attention."""
+    value_head: bool = False
+    """Replace the LM head by a scalar head (critic / reward model)."""
+
+    def __post_init__(self):
+        self.num_kv_heads = self.num_kv_heads or self.num_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_heads
+        if self.arch not in ARCHITECTURES.values():
+            raise ConfigError(f"unsupported architecture {self.arch!r} (supported: {sorted(ARCHITECTURES.values())})")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    def validate_tp(self, tp: int) -> None:
+        """Raise a one-line error when this model cannot be split over tp ranks."""
+        if self.num_heads % tp:
+            raise ConfigError(f"tensor-parallel size {tp} does not divide num_heads {self.num_heads}")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            raise ConfigError(f"tensor-parallel size {tp} and num_kv_heads {self.num_kv_heads}: one must divide the other")
+        if self.intermediate_size % tp:
+            raise ConfigError(f"tensor-parallel size {tp} does not divide intermediate_size {self.intermediate_size}")
+        per_rank = -(-self.vocab_size // tp)
+        if self.vocab_size - per_rank * (tp - 1) <= 0:
+            raise ConfigError(f"vocab {self.vocab_size} is too small to split over {tp} ranks")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        names = [a for a in archs if a in ARCHITECTURES]
+        if not names:
+            raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r} "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+        arch = ARCHITECTURES[names[0]]
+        try:
+            sliding = hf.get("sliding_window") if arch == "mistral" or hf.get("use_sliding_window") else None
+            return cls(
+                arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+                num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
+                head_dim=hf.get("head_dim"), max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_scaling=_rope_scaling(hf), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                attention_bias=arch == "qwen2" or hf.get("attention_bias", False),
+                sliding_window=sliding,
+            )
+        except KeyError as e:
+            raise ConfigError(f"HF config lacks field {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict:
+        cls_name = {v: k for k, v in ARCHITECTURES.items()}[self.arch]
+        out = {
+            "architectures": [cls_name], "model_type": self.arch, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+            "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+        }
+        if self.arch == "llama":
+            out["attention_bias"] = self.attention_bias
+            out["mlp_bias"] = False
+        if self.arch == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if self.arch == "qwen2":
+            out["use_sliding_window"] = False
+        return out
+
+
+def _rope_scaling(hf: dict) -> dict | None:
+    rs = hf.get("rope_scaling")
+    if rs is None:  # transformers 5 folds it into rope_parameters
+        rp = hf.get("rope_parameters") or {}
+        if rp.get("rope_type", "default") != "default":
+            rs = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return rs
+
+
+# ---- YAML + overrides ------------------------------------------------------------------------------
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build a (nested) dataclass from a dict, rejecting unknown keys with the dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown config key {where + sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            value = from_dict(typ, value or {}, f"{where}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad config section {where or '<root>'}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'--a.b=c' -> (['a','b'], parsed c). Values parse as YAML scalars (1, 1e-3, true, null, [1,2])."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r} must look like --section.key=value")
+    key, raw = body.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(cls, path: str | None, overrides: list[str] = ()):
+    data: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return from_dict(cls, data)
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

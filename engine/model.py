@@ -1,0 +1,163 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) built from tensor-parallel layers.
+
+Activations are [batch, seq, hidden]; under sequence parallelism the residual stream between blocks
+is split along seq across TP ranks. The LM head returns this rank's vocab slice of the logits
+(never gathered); `value_head` models return one scalar per token instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.config import ModelConfig
+from engine.layout import ShardSpec, kv_heads_per_rank, shard_layout, vocab_slice
+from kernels.rmsnorm import RMSNorm
+from kernels.rope import apply_rope, inv_frequencies, rope_cos_sin
+from kernels.swiglu import swiglu
+from parallel import comm
+from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark_replica
+from parallel.state import ParallelState
+
+
+def _norm(cfg: ModelConfig, state: ParallelState, sp: bool, dtype) -> RMSNorm:
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    # Under SP each rank normalises its own tokens, so its weight gradient is a partial sum.
+    mark_replica(norm.weight, state.tp_group, grads_partial=sp)
+    return norm
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, sp: bool, dtype):
+        super().__init__()
+        tp, hd = state.tp, cfg.head_dim
+        self.n_q = cfg.num_heads // tp
+        self.n_kv, kv_share = kv_heads_per_rank(cfg, tp)
+        self.hd, self.sliding_window = hd, cfg.sliding_window
+        q_rows, kv_rows = self.n_q * hd, self.n_kv * hd
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 0, state.tp_group, bias=cfg.attention_bias,
+                                        sequence_parallel=sp, local_out_features=q_rows + 2 * kv_rows, dtype=dtype)
+        if kv_share > 1:
+            # Fewer KV heads than TP ranks: neighbouring ranks hold the same KV head and each sees only
+            # its own queries' share of its gradient.
+            groups = [state.tp_subgroup(tuple(range(j * kv_share, (j + 1) * kv_share)))
+                      for j in range(cfg.num_kv_heads)]
+            group = groups[state.tp_rank // kv_share]
+            for p in (self.qkv.weight, self.qkv.bias):
+                if p is not None:
+                    mark_replica(p, group, grads_partial=True, row_start=q_rows)
+        self.o_proj = RowParallelLinear(cfg.num_heads * hd, cfg.hidden_size, state.tp_group,
+                                        sequence_parallel=sp, dtype=dtype)
+
+    def forward(self, x, cos, sin, mask):
+        qkv = self.qkv(x)
+        b, s, _ = qkv.shape
+        q, k, v = qkv.split([self.n_q * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(b, s, self.n_q, self.hd).transpose(1, 2)
+        k = k.view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if mask is None and self.sliding_window and s > self.sliding_window:
+            i = torch.arange(s, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.sliding_window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_q != self.n_kv)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_q * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, sp: bool, dtype):
+        super().__init__()
+        f_local = cfg.intermediate_size // state.tp
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 0, state.tp_group, sequence_parallel=sp,
+                                            local_out_features=2 * f_local, dtype=dtype)
+        self.down = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, state.tp_group,
+                                      sequence_parallel=sp, dtype=dtype)
+
+    def forward(self, x):
+        return self.down(swiglu(self.gate_up(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, sp: bool, dtype):
+        super().__init__()
+        self.input_norm = _norm(cfg, state, sp, dtype)
+        self.attn = Attention(cfg, state, sp, dtype)
+        self.post_norm = _norm(cfg, state, sp, dtype)
+        self.mlp = MLP(cfg, state, sp, dtype)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+        return x + self.mlp(self.post_norm(x))
+
+
+class Transformer(nn.Module):
+    """One pipeline stage of the decoder (the whole model when pp == 1).
+
+    layers: global indices of the decoder layers this stage holds; parameter names use global
+    indices so checkpoints do not depend on the pipeline split.
+    """
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, *, sequence_parallel: bool = False,
+                 recompute: bool = False, dtype: torch.dtype = torch.float32, layers: range | None = None):
+        super().__init__()
+        cfg.validate_tp(state.tp)
+        self.cfg, self.state, self.recompute = cfg, state, recompute
+        self.sp = sequence_parallel and state.tp > 1
+        self.layer_ids = layers if layers is not None else range(cfg.num_layers)
+        self.first, self.last = self.layer_ids.start == 0, self.layer_ids.stop == cfg.num_layers
+        group = state.tp_group
+        if self.first:
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, self.sp, dtype)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, state, self.sp, dtype) for i in self.layer_ids})
+        self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+        if self.last:
+            self.norm = _norm(cfg, state, self.sp, dtype)
+            if cfg.value_head:
+                self.value_head = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
+                mark_replica(self.value_head.weight, group)
+            else:
+                self.head = ColumnParallelLinear(cfg.hidden_size, 0, group, sequence_parallel=self.sp,
+                                                 local_out_features=vocab_slice(cfg, state.tp, 0)[0], dtype=dtype,
+                                                 skip_weight_param_allocation=cfg.tie_word_embeddings)
+        _, self.vocab_start, self.vocab_real = vocab_slice(cfg, state.tp, state.tp_rank)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def shard_specs(self) -> list[ShardSpec]:
+        return shard_layout(self.cfg, self.state.tp, self.state.tp_rank, self.layer_ids, self.first, self.last)
+
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, s] on the first stage (else `hidden` from the previous stage).
+
+        attention_mask: bool [b, 1, s, s], True where attention is allowed; None means causal.
+        Returns local logits [b, s, vocab slice] (fp32-able, unpadded), values [b, s], or the hidden
+        state for the next stage.
+        """
+        if self.first:
+            hidden = self.embed(input_ids)
+        b = hidden.shape[0]
+        s = hidden.shape[1] * (self.state.tp if self.sp else 1)
+        if position_ids is None:
+            position_ids = torch.arange(s, device=hidden.device).expand(b, s)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
+        for layer in self.layers.values():
+            if self.recompute and self.training:
+                hidden = checkpoint(layer, hidden, cos, sin, attention_mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, attention_mask)
+        if not self.last:
+            return hidden
+        hidden = self.norm(hidden)
+        if self.cfg.value_head:
+            if self.sp:
+                hidden = comm.gather_from_sequence_parallel_region(hidden, self.state.tp_group, False)
+            return self.value_head(hidden).squeeze(-1)
+        weight = self.embed.weight if self.cfg.tie_word_embeddings else self.head.weight
+        # Padded vocab rows never reach the logits, so losses need no masking.
+        return self.head(hidden, weight[: self.vocab_real])

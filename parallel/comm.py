@@ -1,0 +1,188 @@
+"""Every collective in trident goes through here, plus the autograd region ops of Megatron.
+
+A group of None means "size 1": every op is then the identity, so single-process code runs the same
+path as the parallel one. Region ops (names as in Megatron-core):
+
+  copy_to_tensor_model_parallel_region      fwd identity        bwd all-reduce
+  reduce_from_tensor_model_parallel_region  fwd all-reduce      bwd identity
+  scatter_to_tensor_model_parallel_region   fwd split last dim  bwd all-gather last dim
+  gather_from_tensor_model_parallel_region  fwd all-gather last bwd split last dim
+  gather_from_sequence_parallel_region      fwd all-gather seq  bwd reduce-scatter seq
+  reduce_scatter_to_sequence_parallel_region fwd reduce-scatter bwd all-gather seq
+  scatter_to_sequence_parallel_region       fwd split seq       bwd all-gather seq
+
+Tensors here are [batch, seq, hidden]: the sequence dim is 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQ_DIM = 1
+
+
+def world(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def rank_in(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ---- plain collectives (no autograd) ---------------------------------------------------------------
+
+def all_reduce(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """In place; returns t. op is sum, max or min."""
+    if world(group) > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                "min": dist.ReduceOp.MIN}[op], group=group)
+    return t
+
+
+def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = world(group)
+    if n == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def split(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's chunk of t along dim (no communication)."""
+    n = world(group)
+    if n == 1:
+        return t
+    if t.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {t.shape[dim]} does not divide by group size {n}")
+    return t.chunk(n, dim=dim)[rank_in(group)].contiguous()
+
+
+def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = world(group)
+    if n == 1:
+        return t
+    parts = [p.contiguous() for p in t.chunk(n, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+def broadcast(t: torch.Tensor, group, src_in_group: int = 0) -> torch.Tensor:
+    if world(group) > 1:
+        dist.broadcast(t, group=group, group_src=src_in_group)
+    return t
+
+
+def barrier(group=None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def all_reduce_object_max(value: float, group) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    return all_reduce(t, group, "max").item()
+
+
+# ---- autograd region ops ---------------------------------------------------------------------------
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g.contiguous().clone(), ctx.group), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.group, ctx.dim), None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return split(g, ctx.group, ctx.dim), None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, g):
+        return reduce_scatter(g, ctx.group, SEQ_DIM), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.group, SEQ_DIM), None
+
+
+def _active(group) -> bool:
+    return world(group) > 1
+
+
+def copy_to_tensor_model_parallel_region(x, group):
+    return _Copy.apply(x, group) if _active(group) else x
+
+
+def reduce_from_tensor_model_parallel_region(x, group):
+    return _Reduce.apply(x, group) if _active(group) else x
+
+
+def scatter_to_tensor_model_parallel_region(x, group):
+    return _Scatter.apply(x, group, -1) if _active(group) else x
+
+
+def gather_from_tensor_model_parallel_region(x, group):
+    return _Gather.apply(x, group, -1) if _active(group) else x
+
+
+def scatter_to_sequence_parallel_region(x, group):
+    return _Scatter.apply(x, group, SEQ_DIM) if _active(group) else x
+
+
+def gather_from_sequence_parallel_region(x, group, tensor_parallel_output_grad: bool = True):
+    """tensor_parallel_output_grad=False when what consumes the gathered tensor is replicated on every
+    rank (e.g. a value head): its gradient is then already complete, so backward just splits it."""
+    if not _active(group):
+        return x
+    return _GatherSeq.apply(x, group) if tensor_parallel_output_grad else _Gather.apply(x, group, SEQ_DIM)
+
+
+def reduce_scatter_to_sequence_parallel_region(x, group):
+    return _ReduceScatterSeq.apply(x, group) if _active(group) else x

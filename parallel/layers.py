@@ -1,0 +1,209 @@
+"""Tensor-parallel layers (Megatron-core names) and vocab-parallel losses that never gather logits.
+
+Weights are laid out like nn.Linear ([out, in]). Parameters that are *not* unique per TP rank carry a
+`Replica` record so gradient finalisation and the global grad norm treat them right (see grads.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel import comm
+
+
+@dataclass
+class Replica:
+    """Rows [row_start:] of a parameter hold the same values on every rank of `group`.
+
+    grads_partial: each rank's gradient is only its share of the true gradient (sequence parallelism,
+    KV heads shared by several TP ranks), so finalisation all-reduces it over `group`.
+    is_owner: this rank counts the rows in the global grad norm and writes them to checkpoints.
+    """
+
+    group: object
+    is_owner: bool
+    grads_partial: bool = False
+    row_start: int = 0
+
+
+def mark_replica(param: nn.Parameter, group, grads_partial: bool = False, row_start: int = 0) -> None:
+    param.replica = Replica(group, comm.rank_in(group) == 0, grads_partial, row_start)
+
+
+def divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by tensor-parallel size {d}")
+    return n // d
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A^T with A split by output rows: each rank computes a slice of the output features.
+
+    With sequence_parallel the input arrives split along the sequence and is all-gathered here (the
+    backward reduce-scatters); otherwise it is replicated and its gradient all-reduced.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group, bias: bool = False,
+                 gather_output: bool = False, sequence_parallel: bool = False,
+                 local_out_features: int | None = None, dtype: torch.dtype | None = None,
+                 skip_weight_param_allocation: bool = False):
+        super().__init__()
+        tp = comm.world(group)
+        self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.in_features = in_features
+        self.out_per_rank = local_out_features or divide(out_features, tp, "output features")
+        self.bias = nn.Parameter(torch.zeros(self.out_per_rank, dtype=dtype)) if bias else None
+        if skip_weight_param_allocation:  # the weight is passed to forward (tied embeddings)
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype))
+            nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = comm.gather_from_sequence_parallel_region(x, self.group)
+        else:
+            x = comm.copy_to_tensor_model_parallel_region(x, self.group)
+        y = F.linear(x, self.weight if weight is None else weight, self.bias)
+        return comm.gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X A^T with A split by input columns: partial outputs are summed across ranks.
+
+    With sequence_parallel the sum is a reduce-scatter along the sequence. The bias is added once,
+    after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group, bias: bool = False,
+                 input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        tp = comm.world(group)
+        self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self.in_per_rank = divide(in_features, tp, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.02)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype))
+            mark_replica(self.bias, group, grads_partial=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.scatter_to_tensor_model_parallel_region(x, self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = comm.reduce_scatter_to_sequence_parallel_region(y, self.group)
+        else:
+            y = comm.reduce_from_tensor_model_parallel_region(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
+    step = tp * multiple
+    return int(math.ceil(vocab_size / step) * step)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding split along the vocabulary; the vocab is padded up to a multiple of TP.
+
+    Each rank looks up the ids in its range, zeros the rest, and the partial rows are summed
+    (all-reduce, or reduce-scatter along the sequence under sequence parallelism).
+    """
+
+    def __init__(self, vocab_size: int, hidden: int, group, sequence_parallel: bool = False,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        tp = comm.world(group)
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.vocab_size = vocab_size
+        self.per_rank = padded_vocab_size(vocab_size, tp) // tp
+        self.vocab_start = comm.rank_in(group) * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if comm.world(self.group) == 1:
+            out = F.embedding(ids, self.weight)
+        else:
+            local = ids - self.vocab_start
+            outside = (local < 0) | (local >= self.per_rank)
+            out = F.embedding(local.masked_fill(outside, 0), self.weight)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_to_sequence_parallel_region(out, self.group)
+        return comm.reduce_from_tensor_model_parallel_region(out, self.group)
+
+
+# ---- vocab-parallel losses: logits stay split [..., V/tp] ------------------------------------------
+
+class _VocabParallelLogProb(torch.autograd.Function):
+    """log softmax(z)[target] over a vocab split across ranks, in fp32, without gathering z."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group, start):
+        z = logits.float()
+        per_rank = z.shape[-1]
+        zmax = comm.all_reduce(z.max(dim=-1).values, group, "max")
+        z = z - zmax.unsqueeze(-1)
+        local = target - start
+        outside = (local < 0) | (local >= per_rank)
+        local = local.masked_fill(outside, 0)
+        picked = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        picked = comm.all_reduce(picked, group)
+        exp = z.exp_()
+        sum_exp = comm.all_reduce(exp.sum(dim=-1), group)
+        logp = picked - sum_exp.log()
+        exp.div_(sum_exp.unsqueeze(-1))  # now the softmax, kept for backward
+        ctx.save_for_backward(exp, local, outside)
+        ctx.logits_dtype = logits.dtype
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        # d logp / dz = onehot(target) - softmax
+        g = softmax.mul_(-grad.unsqueeze(-1))
+        g.scatter_add_(-1, local.unsqueeze(-1), (grad * (~outside)).unsqueeze(-1))
+        return g.to(ctx.logits_dtype), None, None, None
+
+
+def _safe_target(target: torch.Tensor) -> torch.Tensor:
+    return target.clamp(min=0)  # ignore_index (-100) positions are masked by the caller
+
+
+def _vocab_start(logits: torch.Tensor, group, vocab_start: int | None) -> int:
+    # The last rank may hold fewer (unpadded) columns, so callers with padding pass the start.
+    return comm.rank_in(group) * logits.shape[-1] if vocab_start is None else vocab_start
+
+
+def vocab_parallel_log_probs(logits: torch.Tensor, target: torch.Tensor, group,
+                             vocab_start: int | None = None) -> torch.Tensor:
+    """Per-token log p(target); fp32; equals log_softmax(full logits).gather(target)."""
+    start = _vocab_start(logits, group, vocab_start)
+    return _VocabParallelLogProb.apply(logits, _safe_target(target), group, start)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group,
+                                 vocab_start: int | None = None) -> torch.Tensor:
+    """Per-token cross-entropy (no reduction); equals F.cross_entropy(full logits, reduction='none')."""
+    return -vocab_parallel_log_probs(logits, target, group, vocab_start)
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, group) -> torch.Tensor:
+    """Per-token entropy of softmax(logits) over the split vocab, differentiable, fp32.
+
+    Built from region ops (all-reduce forward, identity backward) so autograd derives the gradient.
+    """
+    z = logits.float()
+    zmax = comm.all_reduce(z.detach().max(dim=-1).values, group, "max").unsqueeze(-1)
+    z = z - zmax
+    exp = z.exp()
+    sum_exp = comm.reduce_from_tensor_model_parallel_region(exp.sum(dim=-1), group)
+    p_dot_z = comm.reduce_from_tensor_model_parallel_region((exp * z).sum(dim=-1), group) / sum_exp
+    return sum_exp.log() - p_dot_z
