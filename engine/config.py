@@ -11,6 +11,8 @@ import yaml
 from engine.errors import ConfigError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+# Scalar-head models (critics, reward models) use HF's sequence-classification classes with one label.
+VALUE_ARCHITECTURES = {k.replace("CausalLM", "SequenceClassification"): v for k, v in ARCHITECTURES.items()}
 
 
 @dataclass
@@ -73,11 +75,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         archs = hf.get("architectures") or []
-        names = [a for a in archs if a in ARCHITECTURES]
+        known = {**ARCHITECTURES, **VALUE_ARCHITECTURES}
+        names = [a for a in archs if a in known]
         if not names:
             raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r} "
-                              f"(supported: {', '.join(ARCHITECTURES)})")
-        arch = ARCHITECTURES[names[0]]
+                              f"(supported: {', '.join(known)})")
+        arch, value_head = known[names[0]], names[0] in VALUE_ARCHITECTURES
         try:
             sliding = hf.get("sliding_window") if arch == "mistral" or hf.get("use_sliding_window") else None
             return cls(
@@ -89,13 +92,14 @@ class ModelConfig:
                 rope_scaling=_rope_scaling(hf), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
                 attention_bias=arch == "qwen2" or hf.get("attention_bias", False),
-                sliding_window=sliding,
+                sliding_window=sliding, value_head=value_head,
             )
         except KeyError as e:
             raise ConfigError(f"HF config lacks field {e.args[0]!r}") from None
 
     def to_hf(self) -> dict:
-        cls_name = {v: k for k, v in ARCHITECTURES.items()}[self.arch]
+        names = VALUE_ARCHITECTURES if self.value_head else ARCHITECTURES
+        cls_name = {v: k for k, v in names.items()}[self.arch]
         out = {
             "architectures": [cls_name], "model_type": self.arch, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -106,6 +110,8 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
             "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
         }
+        if self.value_head:
+            out.update(num_labels=1, pad_token_id=0)
         if self.arch == "llama":
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = False
