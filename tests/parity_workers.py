@@ -49,3 +49,12 @@ def grads_at_tp(rank, world, hf_dir, ids, labels, tp, sp):
             g = g[s.rows[0]:s.rows[1]]
         grads[s.name] = (s.dim, s.start, s.length, g.clone())
     return loss.item(), grads
+
+
+def values_at_tp2_sp(rank, world, hf_dir, ids):
+    state = build_state(rank, 2, 1, world // 2, torch.device("cpu"))
+    src = HFSource(hf_dir)
+    model = Transformer(src.config, state, sequence_parallel=True)
+    load_into(model, src)
+    with torch.no_grad():
+        return model(ids)
