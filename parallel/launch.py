@@ -6,6 +6,7 @@ under torchrun. `fn(rank, world, *args)` must be importable (module level).
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_lib
 import socket
 import traceback
@@ -27,7 +28,9 @@ def _worker(rank, world, port, threads, fn, args, queue):
     torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, True, fn(rank, world, *args)))
+        # Plain pickle bytes: a queue would pass tensors as shared-memory handles that vanish when
+        # this process exits before the parent has opened them.
+        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
     except BaseException as e:  # report to the parent instead of hanging the other ranks
         queue.put((rank, False, (e, traceback.format_exc())))
     finally:
@@ -57,7 +60,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 600, threads: int = 1) -> 
             except queue_lib.Empty:
                 raise TimeoutError(f"{world} ranks did not finish within {timeout:.0f} s") from None
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 failure = RankFailed(rank, *value)
     finally:
