@@ -50,7 +50,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * hd, cfg.hidden_size, state.tp_group,
                                         sequence_parallel=sp, dtype=dtype)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         qkv = self.qkv(x)
         b, s, _ = qkv.shape
         q, k, v = qkv.split([self.n_q * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
@@ -58,6 +58,8 @@ class Attention(nn.Module):
         k = k.view(b, s, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: attend over everything cached so far (mask given by caller)
+            k, v = cache.append(k, v)
         if mask is None and self.sliding_window and s > self.sliding_window:
             i = torch.arange(s, device=x.device)
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.sliding_window)
@@ -87,8 +89,8 @@ class DecoderLayer(nn.Module):
         self.post_norm = _norm(cfg, state, sp, dtype)
         self.mlp = MLP(cfg, state, sp, dtype)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_norm(x))
 
 
@@ -132,12 +134,14 @@ class Transformer(nn.Module):
         return shard_layout(self.cfg, self.state.tp, self.state.tp_rank, self.layer_ids, self.first, self.last)
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                kv_cache=None) -> torch.Tensor:
         """input_ids [b, s] on the first stage (else `hidden` from the previous stage).
 
         attention_mask: bool [b, 1, s, s], True where attention is allowed; None means causal.
-        Returns local logits [b, s, vocab slice] (fp32-able, unpadded), values [b, s], or the hidden
-        state for the next stage.
+        kv_cache: a sampler.KVCache for incremental decoding (positions and mask then required).
+        Returns local logits [b, s, vocab slice] (unpadded), values [b, s], or the hidden state for
+        the next stage.
         """
         if self.first:
             hidden = self.embed(input_ids)
@@ -146,11 +150,15 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(s, device=hidden.device).expand(b, s)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
-        for layer in self.layers.values():
-            if self.recompute and self.training:
+        for i, layer in enumerate(self.layers.values()):
+            if kv_cache is not None:
+                hidden = layer(hidden, cos, sin, attention_mask, kv_cache.layer(i))
+            elif self.recompute and self.training:
                 hidden = checkpoint(layer, hidden, cos, sin, attention_mask, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, attention_mask)
+        if kv_cache is not None:
+            kv_cache.advance(hidden.shape[1])
         if not self.last:
             return hidden
         hidden = self.norm(hidden)
