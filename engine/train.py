@@ -28,6 +28,7 @@ from parallel import comm
 from parallel.grads import clip_grads, finalize_tp_grads
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.optimizer import MasterWeightAdamW, param_groups
+from parallel.pipeline import forward_backward_no_pipelining
 from parallel.state import ParallelState, init_parallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,14 +129,19 @@ def build_model(cfg: TrainConfig, state: ParallelState) -> Transformer:
     return model
 
 
-def micro_batch_loss(model: Transformer, mb: dict, num_tokens: int):
-    """Summed token losses of one micro-batch divided by the step's token count: accumulating these
-    over micro-batches gives the exact per-token mean of the whole step."""
-    mask = attention_mask_from_doc_ids(mb["doc_ids"])
-    logits = model(mb["input_ids"], mb["position_ids"], mask)
-    labels = mb["labels"]
-    token_loss = vocab_parallel_cross_entropy(logits, labels, model.state.tp_group, model.vocab_start)
-    return (token_loss * (labels != IGNORE)).sum() / num_tokens
+def lm_forward_step(model: Transformer, mb: dict):
+    """(output, loss_fn) for the language-model loss. The summed token losses are divided by the whole
+    step's token count (mb["num_tokens"]): accumulated over micro-batches that is the exact per-token
+    mean of the step."""
+    logits = model(mb["input_ids"], mb["position_ids"], attention_mask_from_doc_ids(mb["doc_ids"]))
+
+    def loss_fn(logits):
+        labels = mb["labels"]
+        token_loss = vocab_parallel_cross_entropy(logits, labels, model.state.tp_group, model.vocab_start)
+        loss = (token_loss * (labels != IGNORE)).sum() / mb["num_tokens"]
+        return loss, {"loss": loss.item()}
+
+    return logits, loss_fn
 
 
 def save_checkpoint(model: Transformer, state: ParallelState, out: Path, tokenizer_path: str | None = None) -> None:
@@ -194,11 +200,10 @@ def train(cfg: TrainConfig) -> list[dict]:
         num_tokens = torch.tensor(float(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches)))
         comm.all_reduce(num_tokens, state.dp_group)
         model.train()
-        loss_sum = 0.0
         for mb in micro_batches:
-            loss = micro_batch_loss(model, mb, max(1.0, num_tokens.item()))
-            loss.backward()
-            loss_sum += loss.item()
+            mb["num_tokens"] = max(1.0, num_tokens.item())
+        stats = forward_backward_no_pipelining(lm_forward_step, model, micro_batches)
+        loss_sum = sum(s["loss"] for s in stats)
         finalize_tp_grads(params)
         grad_norm = clip_grads(params, cfg.optim.clip_grad, [state.tp_group])
         lr = lr_at(step, cfg.optim, cfg.steps)

@@ -24,3 +24,23 @@ def partition_layers(num_layers: int, pp: int, explicit: list[int] | None = None
         ranges.append(range(start, start + c))
         start += c
     return ranges
+
+
+def forward_backward_no_pipelining(forward_step, model, micro_batches, forward_only: bool = False) -> list:
+    """Run every micro-batch forward (+ backward), accumulating gradients; returns each loss_fn's stats.
+
+    forward_step(model, micro_batch) -> (output, loss_fn); loss_fn(output) -> (loss, stats). The loss
+    must already be scaled for accumulation (e.g. divided by the step's token count), which keeps
+    schedules loss-agnostic: the same schedule runs SFT, the PPO policy loss and the value loss.
+    """
+    import torch
+
+    stats = []
+    for mb in micro_batches:
+        with torch.set_grad_enabled(not forward_only):
+            output, loss_fn = forward_step(model, mb)
+            loss, s = loss_fn(output)
+        if not forward_only:
+            loss.backward()
+        stats.append(s)
+    return stats
