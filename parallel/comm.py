@@ -49,6 +49,27 @@ def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def gather_to_first(t: torch.Tensor, group) -> list[torch.Tensor] | None:
+    """Every rank's tensor (same shape) on the group's first rank; None elsewhere."""
+    n = world(group)
+    if n == 1:
+        return [t]
+    t = t.contiguous()
+    first = dist.get_global_rank(group, 0)
+    parts = [torch.empty_like(t) for _ in range(n)] if dist.get_rank() == first else None
+    dist.gather(t, parts, dst=first, group=group)
+    return parts
+
+
+def broadcast_object(obj, group, src_in_group: int = 0):
+    """A picklable object from the group's src rank to all of its ranks."""
+    if world(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=group, group_src=src_in_group)
+    return box[0]
+
+
 def split(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's chunk of t along dim (no communication)."""
     n = world(group)
