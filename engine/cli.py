@@ -10,6 +10,7 @@ commands:
   convert    hf-to-native | native-to-hf checkpoint conversion
   check-hf   compare engine and transformers logits on an HF model
   train      pretraining / SFT (multi-rank: torchrun --nproc-per-node N -m engine.cli train ...)
+  ppo        PPO for RLHF (actor, critic, reference, reward; vLLM or native rollout)
   bench      throughput benchmarks (bench train ...)
 
 Run `trident <command> --help` for a command's options."""
@@ -28,11 +29,15 @@ def _commands():
         from engine.train import main
         return main(argv)
 
+    def ppo(argv):
+        from engine.ppo import main
+        return main(argv)
+
     def bench(argv):
         from tools.bench import main
         return main(argv)
 
-    return {"convert": convert, "check-hf": check_hf, "train": train, "bench": bench}
+    return {"convert": convert, "check-hf": check_hf, "train": train, "ppo": ppo, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

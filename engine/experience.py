@@ -1,0 +1,121 @@
+"""PPO experience: a rollout turned into tensors, scored by the four models, and the actor / critic
+step functions in the schedule's `(output, loss_fn)` contract.
+
+Sequences are prompt + response, right-padded (causal attention means padding never affects real
+tokens, so no mask is needed). Response token j of row i sits at column len(prompt_i) + j and is
+predicted by the logits at column len(prompt_i) + j - 1: `action_index` holds those columns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine import rl_math
+from parallel.layers import vocab_parallel_entropy, vocab_parallel_log_probs
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor      # [B, L]
+    action_index: torch.Tensor   # [B, R] column of the logits predicting each response token
+    action_mask: torch.Tensor    # [B, R] 1 on real response tokens of valid samples
+    last_index: torch.Tensor     # [B] column of each sequence's last real token
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def select(self, idx: torch.Tensor) -> "Experience":
+        return Experience(**{k: None if v is None else v[idx] for k, v in vars(self).items()})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def build_experience(prompts: list[list[int]], responses: list[list[int]], valid: torch.Tensor,
+                     pad_id: int) -> Experience:
+    b = len(prompts)
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    rlen = max(1, max(len(r) for r in responses))
+    ids = torch.full((b, length), pad_id, dtype=torch.long)
+    action_index = torch.zeros(b, rlen, dtype=torch.long)
+    action_mask = torch.zeros(b, rlen)
+    last = torch.zeros(b, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        action_index[i, : len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+        action_mask[i, : len(r)] = float(valid[i])
+        last[i] = len(p) + len(r) - 1
+    return Experience(ids, action_index, action_mask, last)
+
+
+def action_log_probs(model, logits: torch.Tensor, exp: Experience, temperature: float = 1.0):
+    """Log-probs of the response tokens under the model, [B, R] (vocab-parallel, fp32)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = exp.input_ids[:, 1:]
+    lp = vocab_parallel_log_probs(logits[:, :-1], targets, model.state.tp_group, model.vocab_start)
+    return lp.gather(1, exp.action_index.clamp(max=lp.shape[1] - 1))
+
+
+def action_entropy(model, logits: torch.Tensor, exp: Experience) -> torch.Tensor:
+    ent = vocab_parallel_entropy(logits[:, :-1], model.state.tp_group)
+    return ent.gather(1, exp.action_index.clamp(max=ent.shape[1] - 1))
+
+
+def action_values(values: torch.Tensor, exp: Experience) -> torch.Tensor:
+    """Critic value of the state before each response token."""
+    return values.float().gather(1, exp.action_index)
+
+
+@torch.no_grad()
+def score(exp: Experience, actor, ref, critic, temperature: float, micro_batch_size: int) -> None:
+    """Fill old_logp, ref_logp and old_values, micro-batch by micro-batch."""
+    olds, refs, vals = [], [], []
+    for idx in torch.arange(len(exp)).split(micro_batch_size):
+        part = exp.select(idx)
+        olds.append(action_log_probs(actor, actor(part.input_ids), part, temperature))
+        refs.append(action_log_probs(ref, ref(part.input_ids), part, temperature))
+        vals.append(action_values(critic(part.input_ids), part))
+    exp.old_logp, exp.ref_logp, exp.old_values = torch.cat(olds), torch.cat(refs), torch.cat(vals)
+
+
+def actor_forward_step(cfg, temperature: float, scale: float):
+    """Step function for the policy: clipped surrogate + optional KL loss - entropy bonus."""
+
+    def step(model, exp: Experience):
+        logits = model(exp.input_ids)
+
+        def loss_fn(logits):
+            logp = action_log_probs(model, logits, exp, temperature)
+            loss, stats = rl_math.policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
+                                              cfg.clip_eps, cfg.dual_clip)
+            if cfg.kl_mode == "loss":
+                kl = rl_math.masked_mean(rl_math.kl_penalty(logp, exp.ref_logp, cfg.kl_estimator), exp.action_mask)
+                loss = loss + cfg.kl_coef * kl
+            entropy = rl_math.masked_mean(action_entropy(model, logits, exp), exp.action_mask)
+            stats.update(policy_loss=loss.item(), entropy=entropy.item())
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * entropy
+            return loss * scale, stats
+
+        return logits, loss_fn
+
+    return step
+
+
+def critic_forward_step(cfg, scale: float):
+    def step(model, exp: Experience):
+        values = model(exp.input_ids)
+
+        def loss_fn(values):
+            loss, stats = rl_math.value_loss(action_values(values, exp), exp.old_values, exp.returns,
+                                             exp.action_mask, cfg.value_clip)
+            stats["value_loss"] = loss.item()
+            return loss * scale, stats
+
+        return values, loss_fn
+
+    return step

@@ -1,0 +1,357 @@
+"""`trident ppo`: PPO for RLHF with actor, critic, reference and reward (rule and/or model).
+
+One step: sync actor weights to the rollout engine -> generate -> reward -> score with actor (old
+log-probs), reference and critic -> KL-shaped token rewards -> GAE -> whitened advantages ->
+epochs x minibatches of actor and critic updates (each a loss-agnostic schedule run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from engine import checkpoint as ckpt
+from engine import rl_math
+from engine.config import load_config, to_dict
+from engine.data import read_jsonl
+from engine.errors import ConfigError, DataError
+from engine.experience import actor_forward_step, build_experience, critic_forward_step, score
+from engine.model import Transformer
+from engine.reward import RewardConfig, reward_model_scores, rule_scores
+from engine.rollout import make_rollout
+from engine.sampler import SamplingParams
+from engine.tokenizer import check_vocab, load_tokenizer
+from engine.train import DTYPES, ParallelConfig, save_checkpoint
+from parallel.grads import clip_grads, finalize_tp_grads
+from parallel.optimizer import MasterWeightAdamW, param_groups
+from parallel.pipeline import forward_backward_no_pipelining
+from parallel.state import init_parallel
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "auto"
+    """auto (vllm when installed), vllm or native."""
+    prompts: str = "data/arith_prompts.jsonl"
+    """JSONL with a `prompt` field (plus whatever the reward rules read, e.g. `answer`)."""
+    prompts_per_step: int = 64
+    """Prompts sampled per PPO step (one response each)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    max_new_tokens: int = 8
+    vllm_tp: int = 1
+    """vLLM's own tensor-parallel size."""
+    vllm_eager: bool = True
+    """Skip vLLM's graph compilation (fast start; compiled is faster per token)."""
+
+
+@dataclass
+class AlgoConfig:
+    epochs: int = 1
+    """Passes over each rollout buffer."""
+    minibatches: int = 1
+    """Optimizer steps per epoch."""
+    micro_batch_size: int = 64
+    """Rows per forward/backward (minibatches accumulate over micro-batches)."""
+    clip_eps: float = 0.2
+    dual_clip: float | None = None
+    """Dual-clip bound c > 1 for negative advantages, or None."""
+    value_clip: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.02
+    kl_estimator: str = "k1"
+    """k1, k2 or k3."""
+    kl_mode: str = "reward"
+    """reward: -coef*KL folded into token rewards; loss: coef*KL added to the policy loss."""
+    kl_target: float | None = None
+    """Adaptive KL controller target (None: fixed coefficient)."""
+    kl_horizon: int = 10000
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    normalize_rewards: bool = False
+    """Divide scores by a running std of all scores seen (mean kept)."""
+    ptx_coef: float = 0.0
+    """Weight of a pretraining/SFT loss mixed into the actor update (PPO-ptx)."""
+    ptx_data: str | None = None
+    """SFT JSONL for PPO-ptx."""
+
+
+@dataclass
+class EvalConfig:
+    path: str | None = "data/arith_eval.jsonl"
+    """Held-out prompts; greedy responses scored by the reward rules (accuracy = mean of rule == 1)."""
+    every: int = 5
+    """Evaluate every N steps (and before the first and after the last)."""
+    limit: int = 200
+
+
+@dataclass
+class PPOConfig:
+    actor: str = "runs/demo_sft/checkpoint"
+    """Initial policy: native checkpoint or HF directory (the reference is a frozen copy)."""
+    critic: str | None = None
+    """Value-head checkpoint to start the critic from (e.g. the reward model); None: the actor's
+    weights with a zero-initialised value head."""
+    tokenizer: str = "data/tokenizer.model"
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    actor_lr: float = 1e-5
+    critic_lr: float = 5e-5
+    clip_grad: float = 1.0
+    steps: int = 20
+    seed: int = 0
+    dtype: str = "fp32"
+    out_dir: str = "runs/ppo"
+    export_hf: bool = True
+    """Write the final actor as an HF directory (out_dir/hf) besides the native checkpoint."""
+
+
+class _CriticSource:
+    """The actor's weights with a zero value head: a critic initialised from the policy."""
+
+    def __init__(self, actor_source):
+        self.inner = actor_source
+
+    def shape(self, name):
+        return (1, self.inner.config.hidden_size) if name == "score.weight" else self.inner.shape(name)
+
+    def read(self, name, dim, start, length):
+        if name == "score.weight":
+            return torch.zeros(1, self.inner.config.hidden_size)
+        return self.inner.read(name, dim, start, length)
+
+
+def build(source, state, cfg: PPOConfig, value_head: bool = False, trainable: bool = True) -> Transformer:
+    model_cfg = source.config
+    if value_head and not model_cfg.value_head:
+        model_cfg = type(model_cfg)(**{**vars(model_cfg), "value_head": True})
+        source = _CriticSource(source)
+    model = Transformer(model_cfg, state, sequence_parallel=cfg.parallel.sequence_parallel,
+                        recompute=cfg.parallel.recompute, dtype=DTYPES[cfg.dtype])
+    ckpt.load_into(model, source)
+    model.requires_grad_(trainable)
+    return model if trainable else model.eval()
+
+
+def load_prompts(path: str, tokenizer, max_prompt_len: int) -> tuple[list[dict], list[list[int]], int]:
+    """(records, token ids, number skipped for not fitting the context with the response)."""
+    records = read_jsonl(path, ("prompt",))
+    keep, ids, skipped = [], [], 0
+    for r in records:
+        t = tokenizer.encode(r["prompt"], add_bos=True)
+        if len(t) <= 1 or len(t) > max_prompt_len:
+            skipped += 1
+            continue
+        keep.append(r)
+        ids.append(t)
+    if not keep:
+        raise DataError(f"no prompt in {path} fits the context ({max_prompt_len} prompt tokens at most)")
+    return keep, ids, skipped
+
+
+def optimizer_step(model, optimizer, clip: float, state) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    finalize_tp_grads(params)
+    norm = clip_grads(params, clip, [state.tp_group])
+    optimizer.step()
+    optimizer.zero_grad()
+    return norm
+
+
+def evaluate(rollout, tokenizer, cfg: PPOConfig, records, ids) -> float:
+    params = SamplingParams(temperature=0, max_new_tokens=cfg.rollout.max_new_tokens)
+    out = rollout.generate(ids, params)
+    texts = [tokenizer.decode(r) for r in out.responses]
+    scores, valid = rule_scores(cfg.reward.rules, [r["prompt"] for r in records], texts, records)
+    return float(((scores >= 1.0) & valid).float().mean())
+
+
+def ppo(cfg: PPOConfig) -> list[dict]:
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    for name in ("kl_mode", "kl_estimator"):
+        allowed = {"kl_mode": ("reward", "loss"), "kl_estimator": ("k1", "k2", "k3")}[name]
+        if getattr(cfg.algo, name) not in allowed:
+            raise ConfigError(f"algo.{name} must be one of {', '.join(allowed)}")
+    actor_source = ckpt.open_source(cfg.actor)
+    actor_source.config.validate_tp(cfg.parallel.tp)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_vocab(tokenizer, actor_source.config.vocab_size)
+    max_prompt = actor_source.config.max_position_embeddings - cfg.rollout.max_new_tokens
+    records, prompt_ids, skipped_prompts = load_prompts(cfg.rollout.prompts, tokenizer, max_prompt)
+    eval_records, eval_ids = [], []
+    if cfg.eval.path:
+        eval_records, eval_ids, _ = load_prompts(cfg.eval.path, tokenizer, max_prompt)
+        eval_records, eval_ids = eval_records[: cfg.eval.limit], eval_ids[: cfg.eval.limit]
+    rm_source = ckpt.open_source(cfg.reward.model) if cfg.reward.model else None
+    if rm_source and not rm_source.config.value_head:
+        raise ConfigError(f"reward model {cfg.reward.model} has no scalar head")
+
+    state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    if state.pp > 1 or state.dp > 1:
+        raise ConfigError("ppo runs tensor parallel only (pp = dp = 1) until 3D parallelism lands")
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    actor = build(actor_source, state, cfg)
+    ref = build(actor_source, state, cfg, trainable=False)
+    critic = build(ckpt.open_source(cfg.critic) if cfg.critic else actor_source, state, cfg, value_head=True)
+    rm = build(rm_source, state, cfg, trainable=False) if rm_source else None
+    actor_opt = MasterWeightAdamW(param_groups(actor.named_parameters(), 0.0), lr=cfg.actor_lr)
+    critic_opt = MasterWeightAdamW(param_groups(critic.named_parameters(), 0.0), lr=cfg.critic_lr)
+    ptx_iter = _ptx_batches(cfg, tokenizer, state) if cfg.algo.ptx_coef else None
+    kl_ctl = (rl_math.AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
+              if cfg.algo.kl_target else rl_math.FixedKLController(cfg.algo.kl_coef))
+    moments = rl_math.RunningMoments()
+    rollout = make_rollout(cfg.rollout.backend, actor, tokenizer.eos_id, tokenizer.pad_id,
+                           actor.cfg.max_position_embeddings, tp_gen=cfg.rollout.vllm_tp,
+                           enforce_eager=cfg.rollout.vllm_eager) if cfg.rollout.backend != "native" else \
+        make_rollout("native", actor, tokenizer.eos_id, tokenizer.pad_id, actor.cfg.max_position_embeddings)
+
+    out = Path(cfg.out_dir)
+    main_rank = state.rank == 0
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        metrics_file = open(out / "metrics.jsonl", "w")
+
+    def log(line):
+        history.append(line)
+        if main_rank:
+            metrics_file.write(json.dumps(line) + "\n")
+            metrics_file.flush()
+
+    history: list[dict] = []
+    rng = torch.Generator().manual_seed(cfg.seed)
+    if eval_ids:
+        log({"step": 0, "eval_accuracy": evaluate(rollout, tokenizer, cfg, eval_records, eval_ids)})
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"ppo[{rollout.name}]", disable=not main_rank, dynamic_ncols=True)
+    for step in bar:
+        pick = torch.randperm(len(prompt_ids), generator=rng)[: cfg.rollout.prompts_per_step].tolist()
+        batch_records, batch_prompts = [records[i] for i in pick], [prompt_ids[i] for i in pick]
+        sync_s = rollout.sync(actor) if step > 1 else 0.0
+
+        t0 = time.perf_counter()
+        sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
+                                  cfg.rollout.max_new_tokens, True, cfg.seed * 100003 + step)
+        gen = rollout.generate(batch_prompts, sampling)
+        gen_s = time.perf_counter() - t0
+        gen_tokens = sum(len(r) for r in gen.responses)
+
+        t0 = time.perf_counter()
+        texts = [tokenizer.decode(r) for r in gen.responses]
+        scores, valid = rule_scores(cfg.reward.rules, [r["prompt"] for r in batch_records], texts, batch_records)
+        valid &= torch.tensor([len(r) > 0 for r in gen.responses])
+        exp = build_experience(batch_prompts, gen.responses, valid, tokenizer.pad_id)
+        if rm is not None:
+            scores = scores + cfg.reward.model_weight * reward_model_scores(rm, exp.input_ids, exp.last_index)
+        raw_scores = scores.clone()
+        if cfg.algo.normalize_rewards:
+            moments.update(scores[valid])
+            scores = scores / (moments.var ** 0.5 + 1e-8)
+        score(exp, actor, ref, critic, cfg.rollout.temperature, cfg.algo.micro_batch_size)
+        kl = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, "k1") * exp.action_mask
+        penalty = kl_ctl.value if cfg.algo.kl_mode == "reward" else 0.0
+        if cfg.algo.kl_mode == "reward" and cfg.algo.kl_estimator != "k1":
+            kl_for_reward = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, cfg.algo.kl_estimator) * exp.action_mask
+        else:
+            kl_for_reward = kl
+        rewards = rl_math.token_rewards(scores, exp.action_mask, kl_for_reward, penalty)
+        exp.advantages, exp.returns = rl_math.gae(rewards, exp.old_values, exp.action_mask, cfg.algo.gamma, cfg.algo.lam)
+        if cfg.algo.whiten_advantages:
+            exp.advantages = rl_math.masked_whiten(exp.advantages, exp.action_mask)
+        score_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stats = _update(cfg, exp, actor, critic, actor_opt, critic_opt, ptx_iter, state)
+        train_s = time.perf_counter() - t0
+        mean_kl = float(kl.sum(-1)[valid].mean()) if valid.any() else 0.0
+        kl_ctl.update(mean_kl, len(pick))
+        line = {"step": step, "reward_mean": float(raw_scores[valid].mean()) if valid.any() else float("nan"),
+                "kl": mean_kl, "kl_coef": kl_ctl.value, **stats,
+                "response_len": gen_tokens / len(pick), "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
+                "sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s,
+                "skipped_samples": int((~valid).sum()), "skipped_prompts": skipped_prompts}
+        log(line)
+        bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{mean_kl:.3f}")
+        if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
+            rollout.sync(actor)
+            log({"step": step, "eval_accuracy": evaluate(rollout, tokenizer, cfg, eval_records, eval_ids)})
+    rollout.close()
+    if main_rank:
+        metrics_file.close()
+    save_checkpoint(actor, state, out / "actor", cfg.tokenizer)
+    if main_rank:
+        if cfg.export_hf:
+            from tools.convert import native_to_hf
+            native_to_hf(str(out / "actor"), str(out / "hf"), force=True)
+        from tools.plot import plot_metrics
+        plot_metrics(out / "metrics.jsonl", out / "curves.png")
+    return history
+
+
+def _update(cfg, exp, actor, critic, actor_opt, critic_opt, ptx_iter, state) -> dict:
+    algo = cfg.algo
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(algo.epochs):
+        order = torch.randperm(len(exp), generator=gen)
+        for mb_idx in order.chunk(algo.minibatches):
+            micro = [exp.select(i) for i in mb_idx.split(algo.micro_batch_size)]
+            scale = 1.0 / len(micro)
+            a_stats = forward_backward_no_pipelining(actor_forward_step(algo, cfg.rollout.temperature, scale), actor, micro)
+            if ptx_iter is not None:
+                _ptx_backward(actor, next(ptx_iter), algo.ptx_coef)
+            c_stats = forward_backward_no_pipelining(critic_forward_step(algo, scale), critic, micro)
+            optimizer_step(actor, actor_opt, cfg.clip_grad, state)
+            optimizer_step(critic, critic_opt, cfg.clip_grad, state)
+            for s in a_stats + c_stats:
+                for k, v in s.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            count += len(micro)
+    return {k: v / count for k, v in sums.items()}
+
+
+def _ptx_batches(cfg, tokenizer, state):
+    from engine.data import batches, pack_documents, tokenize_documents
+    if not cfg.algo.ptx_data:
+        raise ConfigError("algo.ptx_coef > 0 needs algo.ptx_data")
+    docs = tokenize_documents(read_jsonl(cfg.algo.ptx_data), tokenizer, "sft", 64)
+    data = pack_documents(docs, 64, tokenizer.pad_id)
+    for micro in batches(data, 8, 1, cfg.seed, state.dp_rank, state.dp):
+        yield micro[0]
+
+
+def _ptx_backward(actor, mb, coef):
+    from engine.data import IGNORE
+    from engine.train import lm_forward_step
+    mb = {**mb, "num_tokens": max(1.0, float((mb["labels"] != IGNORE).sum()))}
+    logits, loss_fn = lm_forward_step(actor, mb)
+    loss, _ = loss_fn(logits)
+    (coef * loss).backward()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="trident ppo", description="PPO for RLHF. Override any field as --a.b=c.")
+    parser.add_argument("--config", help="YAML run config")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(PPOConfig, args.config, overrides)
+    history = ppo(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        evals = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
+        print(json.dumps({"steps": cfg.steps, "eval_accuracy_first": evals[0] if evals else None,
+                          "eval_accuracy_last": evals[-1] if evals else None, "out_dir": cfg.out_dir}))
+    return 0
