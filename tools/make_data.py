@@ -21,7 +21,7 @@ from pathlib import Path
 
 from engine.tokenizer import load_tokenizer, train_sentencepiece
 
-N_SFT, N_EVAL, N_PROMPTS, N_PRETRAIN = 4000, 200, 1000, 2000
+N_SFT, N_EVAL, N_PROMPTS, N_PRETRAIN = 12000, 200, 1000, 2000
 VOCAB_SIZE = 512
 
 Problem = tuple[int, str, int]  # (a, "+" or "-", b)
