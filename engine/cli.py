@@ -10,6 +10,7 @@ commands:
   convert    hf-to-native | native-to-hf checkpoint conversion
   check-hf   compare engine and transformers logits on an HF model
   train      pretraining / SFT (multi-rank: torchrun --nproc-per-node N -m engine.cli train ...)
+  rm         reward-model training (Bradley-Terry pairs)
   ppo        PPO for RLHF (actor, critic, reference, reward; vLLM or native rollout)
   bench      throughput benchmarks (bench train ...)
 
@@ -33,11 +34,15 @@ def _commands():
         from engine.ppo import main
         return main(argv)
 
+    def rm(argv):
+        from engine.rm import main
+        return main(argv)
+
     def bench(argv):
         from tools.bench import main
         return main(argv)
 
-    return {"convert": convert, "check-hf": check_hf, "train": train, "ppo": ppo, "bench": bench}
+    return {"convert": convert, "check-hf": check_hf, "train": train, "ppo": ppo, "rm": rm, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,17 +120,19 @@ class PPOConfig:
 
 
 class _CriticSource:
-    """The actor's weights with a zero value head: a critic initialised from the policy."""
+    """A policy's weights with a fresh scalar head: zero (a critic starts at value 0) or small random
+    (a reward model needs trunk gradients from its first step)."""
 
-    def __init__(self, actor_source):
-        self.inner = actor_source
+    def __init__(self, actor_source, head_std: float = 0.0, seed: int = 0):
+        self.inner, self.head_std, self.seed = actor_source, head_std, seed
 
     def shape(self, name):
         return (1, self.inner.config.hidden_size) if name == "score.weight" else self.inner.shape(name)
 
     def read(self, name, dim, start, length):
         if name == "score.weight":
-            return torch.zeros(1, self.inner.config.hidden_size)
+            g = torch.Generator().manual_seed(self.seed)
+            return torch.randn(1, self.inner.config.hidden_size, generator=g) * self.head_std
         return self.inner.read(name, dim, start, length)
 
 

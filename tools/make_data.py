@@ -80,6 +80,36 @@ def make(seed: int) -> dict[str, list[dict]]:
     return {"arith_sft": sft, "arith_eval": evals, "arith_prompts": prompts, "pretrain": pretrain}
 
 
+N_PREF_TRAIN, N_PREF_EVAL = 4000, 400
+
+
+def wrong_answer(rng: random.Random, c: int) -> int:
+    """A plausible mistake: off by a little, or a digit error."""
+    while True:
+        w = c + rng.choice([-10, -2, -1, 1, 2, 10, 11, -11])
+        if w >= 0 and w != c:
+            return w
+
+
+def make_preferences(seed: int) -> dict[str, list[dict]]:
+    """Pairs for reward-model training: the right answer is chosen, a near miss rejected.
+    Eval pairs use the RL prompts' problems, which the reward model never sees."""
+    rng = random.Random(seed + 1)  # its own stream: the other files stay as they were
+    problems = all_problems()
+    random.Random(seed).shuffle(problems)
+    pool, held_rl = problems[N_EVAL + N_PROMPTS:], problems[N_EVAL:N_EVAL + N_PROMPTS]
+
+    def pair(p: Problem) -> dict:
+        prompt_fmt, response_fmt = rng.choice(PROMPT_FORMATS)
+        c = solve(p)
+        right = response_fmt.replace("{c}", str(c))
+        wrong = response_fmt.replace("{c}", str(wrong_answer(rng, c)))
+        return {"prompt": fill(prompt_fmt, p), "chosen": right, "rejected": wrong}
+
+    return {"prefs_train": [pair(p) for p in rng.sample(pool, N_PREF_TRAIN)],
+            "prefs_eval": [pair(p) for p in rng.sample(held_rl, N_PREF_EVAL)]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data")
@@ -94,6 +124,11 @@ def main() -> None:
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         texts += [r["text"] if "text" in r else r["prompt"] + r.get("response", "") for r in records]
+        print(f"{out / name}.jsonl: {len(records)} records")
+
+    for name, records in make_preferences(args.seed).items():
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
         print(f"{out / name}.jsonl: {len(records)} records")
 
     model = train_sentencepiece(texts, str(out / "tokenizer"), VOCAB_SIZE)
