@@ -41,7 +41,57 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised tensor shaped like x whose memory order follows x's strides (x may be a strided view,
+    e.g. q = qkv[..., :d].view(b, s, h, hd).transpose(1, 2): the result is then [b, s, h, hd] in memory)."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return torch.empty_permuted(x.shape, order, dtype=x.dtype, device=x.device)
+
+
+def _rotate(x: torch.Tensor, c1, c2, s1, s2, sign: float) -> torch.Tensor:
+    """[x1, x2] -> [x1*c1 - sign*x2*s1, x2*c2 + sign*x1*s2] without materialising rotate_half(x)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    out = _empty_like_layout(x)
+    o1, o2 = out[..., :h], out[..., h:]
+    torch.mul(x1, c1, out=o1)
+    o1.addcmul_(x2, s1, value=-sign)
+    torch.mul(x2, c2, out=o2)
+    o2.addcmul_(x1, s2, value=sign)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """out = x*cos + rotate_half(x)*sin; backward: gx = g*cos + rotate_half^T(g*sin), rotate_half^T(y) = [y2, -y1].
+
+    Four half-width multiply(-add)s each way instead of mul, neg, cat, mul, add (and their backward with
+    a cat and a split); saves nothing but cos and sin.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        h = x.shape[-1] // 2
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        c1, c2, s1, s2 = cos[..., :h], cos[..., h:], sin[..., :h], sin[..., h:]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, c1, c2, s1, s2, 1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        # gx1 = g1*c1 + g2*s2 ; gx2 = g2*c2 - g1*s1: the forward rotation with (s1, s2) swapped, sign -1
+        return _rotate(g, cos[..., :h], cos[..., h:], sin[..., h:], sin[..., :h], -1.0), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
+    if (x.shape[-1] % 2 or cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling()
+            or cos.dtype != x.dtype or sin.dtype != x.dtype):
+        return apply_rope_reference(x, cos, sin)  # inductor fuses the reference into one loop anyway
+    return _Rope.apply(x, cos, sin)

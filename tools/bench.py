@@ -1,0 +1,111 @@
+"""`trident bench ...`: performance measurements. Subcommands: train.
+
+    python -m tools.bench train --size M --dtype bf16 --compare hf [--compile]
+
+Prints a human-readable summary, then, as the last line, one JSON object with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.errors import ConfigError
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    from tools.bench_train import SIZES
+
+    p = sub.add_parser(
+        "train", help="tokens/s, TFLOP/s and MFU of one training step (fwd + loss + bwd + AdamW)",
+        description="Time training steps of the engine (optionally vs transformers' LlamaForCausalLM in the "
+                    "same process, interleaved) and report tokens/s, model TFLOP/s (PaLM formula 6N + 12LHQT) "
+                    "and MFU against a torch.mm peak measured in the same run.",
+        epilog="example: trident bench train --size M --dtype bf16 --compare hf --compile")
+    p.add_argument("--size", default="S", choices=sorted(SIZES), help="named model/batch size (default S)")
+    for name, what in [("hidden", "hidden size"), ("layers", "decoder layers"), ("heads", "attention heads"),
+                       ("kv-heads", "key/value heads"), ("ffn", "MLP intermediate size"), ("vocab", "vocabulary"),
+                       ("seq", "sequence length"), ("batch", "sequences per step")]:
+        p.add_argument(f"--{name}", type=int, help=f"override the size's {what}")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
+                   help="engine params/activations dtype; bf16 keeps fp32 master weights (default bf16)")
+    p.add_argument("--compare", choices=["hf"], help="also time transformers' LlamaForCausalLM (bf16: autocast)")
+    p.add_argument("--compile", nargs="?", const="layers", choices=["layers", "model"],
+                   help="also time the engine under torch.compile (inductor): per decoder layer "
+                        "(default) or the whole model")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per runner (default 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per runner first (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the torch.mm peak (default 2048)")
+    p.add_argument("--malloc", choices=["default", "tuned"], default="default",
+                   help="tuned: glibc mallopt so freed activations are reused, not unmapped and page-faulted "
+                        "again (process-wide: applies to transformers too)")
+    p.add_argument("--attention", choices=["sdpa", "kernel"], default="sdpa",
+                   help="engine attention: sdpa = as engine/model.py is (torch's kernel); kernel = preview of "
+                        "the proposed change to kernels.attention (patched in this process only)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, torch.profiler one step of each runner and print its top N ops")
+    return p
+
+
+def _fmt(res: dict) -> list[str]:
+    lines = [f"size {res['size']} {res['dims']}  dtype {res['dtype']}  threads {res['threads']}  "
+             f"malloc {res['malloc']}  engine attention {res['engine_attention']}  "
+             f"tokens/step {res['tokens_per_step']}  model GFLOP/token {res['flops_per_token'] / 1e9:.3f}",
+             f"matmul peak ({res['dtype']}, {res['peak_n']}^2 torch.mm, best in run): {res['peak_gflops']:.1f} GFLOP/s",
+             f"engine           {res['tokens_per_s']:9.1f} tok/s  {res['tflops']:.3f} TFLOP/s  "
+             f"MFU {100 * res['mfu']:.1f}%  (best step {res['tokens_per_s_best']:.1f} tok/s)"]
+    if "compiled_tokens_per_s" in res:
+        lines.append(f"engine compiled  {res['compiled_tokens_per_s']:9.1f} tok/s  {res['compiled_tflops']:.3f} "
+                     f"TFLOP/s  MFU {100 * res['compiled_mfu']:.1f}%  (torch.compile {res['compile']}, "
+                     f"compile {res['compile_s']:.1f}s)")
+    if "hf_tokens_per_s" in res:
+        lines.append(f"transformers     {res['hf_tokens_per_s']:9.1f} tok/s  {res['hf_tflops']:.3f} TFLOP/s  "
+                     f"MFU {100 * res['hf_mfu']:.1f}%  ({res['hf_recipe']})")
+        lines.append(f"engine / transformers: {res['ratio']:.2f}x (best steps {res['ratio_best']:.2f}x)"
+                     + (f", compiled {res['compiled_ratio']:.2f}x" if "compiled_ratio" in res else ""))
+        lines.append(f"first-step loss engine {res['first_loss_engine']:.4f}  transformers {res['first_loss_hf']:.4f}")
+    before, after = res["loadavg_1min"]
+    if max(before, after) > 0.5:
+        lines.append(f"note: machine load average {before} -> {after} during the run: other processes share the cores, "
+                     "absolute numbers are low and noisy; the interleaved ratios are the meaningful part")
+    return lines
+
+
+def train(args) -> int:
+    from dataclasses import replace
+
+    from tools.bench_train import SIZES, run
+
+    size = SIZES[args.size]
+    over = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "seq", "batch")
+            if getattr(args, k) is not None}
+    size = replace(size, **over)
+    if args.steps < 1 or args.warmup < 1:
+        raise ConfigError("--steps and --warmup must be >= 1")
+    name = args.size + ("+" + ",".join(f"{k}={v}" for k, v in over.items()) if over else "")
+    res = run(size, args.dtype, steps=args.steps, warmup=args.warmup, compare=args.compare,
+              compile_mode=args.compile, threads=args.threads, peak_n=args.peak_n, size_name=name,
+              profile=args.profile, malloc=args.malloc, attention=args.attention)
+    for line in _fmt(res):
+        print(line)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="trident bench", description="Performance benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return train(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
