@@ -34,6 +34,11 @@ class Tokenizer(ABC):
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special tokens (bos/eos/pad) are dropped."""
 
+    def _known(self, ids) -> list[int]:
+        """Drop ids past the tokenizer's vocab: models often pad their embedding beyond it, and a
+        sampled padding id is text-less, not an error."""
+        return [i for i in ids if 0 <= i < self.vocab_size]
+
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -67,7 +72,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self._wrap(self.sp.encode(text), add_bos, add_eos)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))  # control tokens decode to ""
+        return self.sp.decode(self._known(ids))  # control tokens decode to ""
 
 
 class HFTokenizer(Tokenizer):
@@ -110,7 +115,7 @@ class HFTokenizer(Tokenizer):
         return self._wrap(self.tok.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        return self.tok.decode(self._known(ids), skip_special_tokens=True)
 
 
 def _read_tokenizer_config(path: Path) -> dict:
