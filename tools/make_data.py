@@ -84,15 +84,15 @@ N_PREF_TRAIN, N_PREF_EVAL = 4000, 400
 
 
 def wrong_answer(rng: random.Random, c: int) -> int:
-    """A plausible mistake: off by a little, or a digit error."""
+    """Another problem's answer: wrong, usually by a lot (what a reward model can learn quickly)."""
     while True:
-        w = c + rng.choice([-10, -2, -1, 1, 2, 10, 11, -11])
-        if w >= 0 and w != c:
+        w = solve(rng.choice(all_problems()))
+        if w != c:
             return w
 
 
 def make_preferences(seed: int) -> dict[str, list[dict]]:
-    """Pairs for reward-model training: the right answer is chosen, a near miss rejected.
+    """Pairs for reward-model training: the right answer is chosen, another problem's answer rejected.
     Eval pairs use the RL prompts' problems, which the reward model never sees."""
     rng = random.Random(seed + 1)  # its own stream: the other files stay as they were
     problems = all_problems()
