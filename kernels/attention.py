@@ -1,22 +1,23 @@
 """Causal self-attention for CPU training, faster than torch's CPU flash kernel at training shapes.
 
 Measured on the 2-core AVX512-bf16 box (b=4, h=16, s=512, d=64), torch 2.13's CPU flash attention
-does its causal work at ~15 GFLOP/s, while the same cores run batched matmuls at 70-80 GFLOP/s (fp32)
-and 200-280 GFLOP/s (bf16). This kernel splits the queries into row blocks of 128 so fully masked key
-blocks are skipped (10/16 of the square at s=512) and does every product as one batched matmul:
+does its causal work at ~15 GFLOP/s, while the same cores run batched matmuls at 70-130 GFLOP/s (fp32)
+and 500-600 GFLOP/s (bf16). This kernel splits the queries into row blocks of 64 so fully masked key
+blocks are skipped (36/64 of the square is computed at s=512), and does every product as a batched
+matmul:
 
-  S = Q K^T and dP = dO V^T in fp32 (full-precision softmax inputs, as the flash kernel's fp32
-  accumulators); P V, P^T dO, dS K, dS^T Q in the input dtype (P and dS rounded to bf16 as the flash
-  kernel does); dK and dV accumulate over row blocks in fp32.
+  S = Q K^T and dP = dO V^T to ~fp32 precision (fp32 inputs: fp32 matmul; bf16 inputs: a bf16 matmul
+  plus a second one for its rounding residual, see _scores), softmax in fp32; P V, P^T dO, dS K and
+  dS^T Q in the input dtype (P and dS rounded to bf16, as torch's flash kernel does); dK and dV
+  accumulate over row blocks in fp32.
 
 The softmax probabilities of each row block are kept (input dtype, [b*h, rows, keys so far]) rather
-than recomputed in backward: one fp32 matmul less per block for 2 bytes per unmasked score. The
+than recomputed in backward: one score computation less per block for 2 bytes per unmasked score. The
 output is laid out [b, s, h, d] in memory, so the caller's transpose(1, 2).reshape is a view.
 
 `scaled_dot_product_attention` has the signature of torch's and falls back to it whenever the fast
-path does not apply (explicit masks, dropout, no grad needed, short sequences, non-CPU tensors). Under
-torch.compile the kernel is traced too (inductor then fuses the softmax and mask work between the
-matmuls), which is faster again than torch's kernel there.
+path does not apply (explicit masks, dropout, no grad needed, short sequences, non-CPU tensors). The
+kernel is a torch.library custom op (forward and backward), so torch.compile keeps it as one call.
 """
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-BLOCK = 128
-"""Query rows per block."""
+BLOCK = 64
+"""Query rows per block (measured best at s=512: 64 beats 32, 96, 128)."""
 MIN_SEQ = 256
 """Shorter sequences go to torch's kernel (blocking gains nothing there)."""
 
 
-def _blocks(s: int) -> list[tuple[int, int]]:
-    n = max(1, round(s / BLOCK))
+def _blocks(s: int, block: int) -> list[tuple[int, int]]:
+    n = max(1, round(s / block))
     edges = [round(i * s / n) for i in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -43,8 +44,6 @@ _MASKS: dict = {}
 def _tri_mask(n: int, dtype, device) -> torch.Tensor:
     """Additive [n, n] mask, -inf above the diagonal (the diagonal block of a row block)."""
     key = (n, dtype, device)
-    if torch.compiler.is_compiling():
-        return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1)
     if key not in _MASKS:
         _MASKS[key] = torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1)
     return _MASKS[key]
@@ -56,61 +55,119 @@ def _flat(x: torch.Tensor, dtype=None) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-class _CausalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        b, h, s, d = q.shape
-        dtype = q.dtype
-        low = dtype != torch.float32
-        q32 = _flat(q, torch.float32)
-        q32 = q32.mul_(scale) if low else q32 * scale  # never scale q in place
-        k32, v3 = _flat(k, torch.float32), _flat(v)
-        # [b, h, s, d] stored as [b, s, h, d]: the caller's out.transpose(1, 2).reshape(b, s, h*d) is a view
-        out = torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
-        probs = []
-        for r0, r1 in _blocks(s):
-            # fp32 scores; fp32 bmm takes the strided prefix views without copies
-            sc = torch.bmm(q32[:, r0:r1], k32[:, :r1].transpose(1, 2))
-            sc[..., r0:] += _tri_mask(r1 - r0, sc.dtype, sc.device)
-            torch.softmax(sc, dim=-1, out=sc)
-            p = sc.to(dtype) if low else sc
-            probs.append(p)
-            out[:, :, r0:r1] = torch.bmm(p, v3[:, :r1]).view(b, h, r1 - r0, d)
-        ctx.save_for_backward(q, k, v3, out, *probs)
-        ctx.scale = scale
-        return out
+def _scores(a: torch.Tensor, bt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * a @ bt in fp32 ([n, m, k] @ [n, k, l]).
 
-    @staticmethod
-    def backward(ctx, g):
-        q, k, v3, out, *probs = ctx.saved_tensors
-        scale = ctx.scale
-        b, h, s, d = q.shape
-        dtype = q.dtype
-        low = dtype != torch.float32
-        g3 = _flat(g)
-        g32, v32 = _flat(g, torch.float32), v3.float()
-        # D_i = sum_j P_ij dP_ij = dO_i . O_i (fp32)
-        delta = (g32 * _flat(out)).sum(-1, keepdim=True)
-        q3, k3 = _flat(q), _flat(k)
-        dq = torch.empty_like(q3)
-        dk = torch.zeros(q3.shape, dtype=torch.float32, device=q.device)  # fp32 accumulators over row blocks
-        dv = torch.zeros_like(dk)
-        for (r0, r1), p in zip(_blocks(s), probs):
-            ds = torch.bmm(g32[:, r0:r1], v32[:, :r1].transpose(1, 2))  # dP
-            ds.sub_(delta[:, r0:r1]).mul_(p).mul_(scale)  # scale * dS
-            if low:
-                ds = ds.to(dtype)
-            dq[:, r0:r1] = torch.bmm(ds, k3[:, :r1])
-            dk[:, :r1] += torch.bmm(ds.transpose(1, 2), q3[:, r0:r1])
-            dv[:, :r1] += torch.bmm(p.transpose(1, 2), g3[:, r0:r1])
-        shape = (b, h, s, d)
-        return dq.view(shape), dk.to(dtype).view(shape), dv.to(dtype).view(shape), None
+    fp32 inputs: one fp32 batched matmul. bf16 inputs: hi = bf16(alpha a bt), then the residual
+    alpha a bt - hi from a second bf16 matmul whose fp32 accumulator subtracts hi before rounding
+    (baddbmm, beta=-1). hi + lo carries ~16 significant bits where a bf16 result has 8: ~1e-5 relative
+    error, far below the bf16 rounding of P and dS that follows, for two bf16 matmuls, which cost less
+    than half of one fp32 matmul on AVX512-bf16.
+    """
+    if a.dtype == torch.float32:
+        out = torch.bmm(a, bt)
+        return out.mul_(alpha) if alpha != 1.0 else out
+    hi = torch.bmm(a, bt)
+    if alpha != 1.0:
+        hi.mul_(alpha)
+    lo = torch.baddbmm(hi, a, bt, beta=-1.0, alpha=alpha)
+    return hi.float().add_(lo)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def _rows(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a flat [n, s, d] tensor as a contiguous [n, r1 - r0, d] (bf16 batched matmuls
+    copy non-contiguous operands themselves, once per call: copy once here instead)."""
+    return x[:, r0:r1].contiguous()
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    b, h, s, d = q.shape
+    dtype = q.dtype
+    q3, k3, v3 = _flat(q), _flat(k), _flat(v)
+    # [b, h, s, d] stored as [b, s, h, d]: the caller's out.transpose(1, 2).reshape(b, s, h*d) is a view
+    out = torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
+    probs = []
+    for r0, r1 in _blocks(s, block):
+        sc = _scores(_rows(q3, r0, r1), _rows(k3, 0, r1).transpose(1, 2), scale)  # fp32 scores
+        sc[..., r0:] += _tri_mask(r1 - r0, sc.dtype, sc.device)
+        torch.softmax(sc, dim=-1, out=sc)
+        p = sc.to(dtype)
+        probs.append(p)
+        out[:, :, r0:r1] = torch.bmm(p, _rows(v3, 0, r1)).view(b, h, r1 - r0, d)
+    return out, probs
+
+
+def _backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              probs: list[torch.Tensor], scale: float, block: int) -> tuple[torch.Tensor, ...]:
+    b, h, s, d = q.shape
+    dtype = q.dtype
+    q3, k3, v3, g3 = _flat(q), _flat(k), _flat(v), _flat(g)
+    # D_i = sum_j P_ij dP_ij = dO_i . O_i (fp32)
+    delta = (g3.float() * _flat(out)).sum(-1, keepdim=True)
+    dq = torch.empty_like(q3)
+    dk = torch.zeros(q3.shape, dtype=torch.float32, device=q3.device)  # fp32 accumulators over row blocks
+    dv = torch.zeros_like(dk)
+    for (r0, r1), p in zip(_blocks(s, block), probs):
+        gi = _rows(g3, r0, r1)
+        ds = _scores(gi, _rows(v3, 0, r1).transpose(1, 2), 1.0)  # dP, fp32
+        ds.sub_(delta[:, r0:r1]).mul_(p)
+        ds = ds.mul_(scale).to(dtype)  # scale * dS
+        dq[:, r0:r1] = torch.bmm(ds, _rows(k3, 0, r1))
+        dk[:, :r1] += torch.bmm(ds.transpose(1, 2), _rows(q3, r0, r1))
+        dv[:, :r1] += torch.bmm(p.transpose(1, 2), gi)
+    shape = (b, h, s, d)
+    return dq.view(shape), dk.to(dtype).view(shape), dv.to(dtype).view(shape)
+
+
+# Registered as custom ops so torch.compile treats the kernel as one opaque call (inductor traced
+# into the Python loop otherwise and produced slower code than eager for small blocks).
+@torch.library.custom_op("trident::causal_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return _forward(q, k, v, scale, block)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, block):
+    b, h, s, d = q.shape
+    out = q.new_empty(b, s, h, d).transpose(1, 2)
+    return out, [q.new_empty(b * h, r1 - r0, r1) for r0, r1 in _blocks(s, block)]
+
+
+@torch.library.custom_op("trident::causal_attention_backward", mutates_args=())
+def _attention_backward_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           probs: list[torch.Tensor], scale: float,
+                           block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(g, q, k, v, out, probs, scale, block)
+
+
+@_attention_backward_op.register_fake
+def _(g, q, k, v, out, probs, scale, block):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, block = inputs
+    out, probs = output
+    ctx.save_for_backward(q, k, v, out, *probs)
+    ctx.scale, ctx.block = scale, block
+
+
+def _attention_grad(ctx, g_out, _g_probs):
+    q, k, v, out, *probs = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(g_out, q, k, v, out, probs, ctx.scale, ctx.block)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     block: int = BLOCK) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v for q, k, v [b, h, s, d] with equal head counts."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _CausalAttention.apply(q, k, v, scale)
+    return _attention_op(q, k, v, float(scale), int(block))[0]
 
 
 def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,

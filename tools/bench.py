@@ -33,13 +33,14 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="layers", choices=["layers", "model"],
                    help="also time the engine under torch.compile (inductor): per decoder layer "
                         "(default) or the whole model")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per runner (default 6)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per runner (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per runner first (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the torch.mm peak (default 2048)")
-    p.add_argument("--malloc", choices=["default", "tuned"], default="default",
-                   help="tuned: glibc mallopt so freed activations are reused, not unmapped and page-faulted "
-                        "again (process-wide: applies to transformers too)")
+    p.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
+                   help="tuned (default): glibc mallopt so freed activations are reused instead of being "
+                        "unmapped and page-faulted in again every step (process-wide: transformers gets it "
+                        "too); default: glibc as is")
     p.add_argument("--attention", choices=["sdpa", "kernel"], default="sdpa",
                    help="engine attention: sdpa = as engine/model.py is (torch's kernel); kernel = preview of "
                         "the proposed change to kernels.attention (patched in this process only)")
@@ -62,13 +63,16 @@ def _fmt(res: dict) -> list[str]:
     if "hf_tokens_per_s" in res:
         lines.append(f"transformers     {res['hf_tokens_per_s']:9.1f} tok/s  {res['hf_tflops']:.3f} TFLOP/s  "
                      f"MFU {100 * res['hf_mfu']:.1f}%  ({res['hf_recipe']})")
-        lines.append(f"engine / transformers: {res['ratio']:.2f}x (best steps {res['ratio_best']:.2f}x)"
-                     + (f", compiled {res['compiled_ratio']:.2f}x" if "compiled_ratio" in res else ""))
+        lines.append(f"engine / transformers: {res['ratio']:.2f}x (medians; best steps {res['ratio_best']:.2f}x, "
+                     f"same-round pairs {res['ratio_paired']:.2f}x)")
+        if "compiled_ratio" in res:
+            lines.append(f"engine compiled / transformers: {res['compiled_ratio']:.2f}x (best steps "
+                         f"{res['compiled_ratio_best']:.2f}x, same-round pairs {res['compiled_ratio_paired']:.2f}x)")
         lines.append(f"first-step loss engine {res['first_loss_engine']:.4f}  transformers {res['first_loss_hf']:.4f}")
-    before, after = res["loadavg_1min"]
-    if max(before, after) > 0.5:
-        lines.append(f"note: machine load average {before} -> {after} during the run: other processes share the cores, "
-                     "absolute numbers are low and noisy; the interleaved ratios are the meaningful part")
+    before = res["loadavg_1min"][0]
+    if before > 0.5:  # measured before this process started working
+        lines.append(f"note: load average {before} before the run: other processes share the cores, so absolute "
+                     "numbers are low and noisy; the interleaved ratios are the meaningful part")
     return lines
 
 
