@@ -20,7 +20,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         "train", help="tokens/s, TFLOP/s and MFU of one training step (fwd + loss + bwd + AdamW)",
         description="Time training steps of the engine (optionally vs transformers' LlamaForCausalLM in the "
                     "same process, interleaved) and report tokens/s, model TFLOP/s (PaLM formula 6N + 12LHQT) "
-                    "and MFU against a torch.mm peak measured in the same run.",
+                    "and MFU against a torch.mm peak measured in the same run. The last output line is one "
+                    "JSON object with every number.",
         epilog="example: trident bench train --size M --dtype bf16 --compare hf --compile")
     p.add_argument("--size", default="S", choices=sorted(SIZES), help="named model/batch size (default S)")
     for name, what in [("hidden", "hidden size"), ("layers", "decoder layers"), ("heads", "attention heads"),
@@ -31,8 +32,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="engine params/activations dtype; bf16 keeps fp32 master weights (default bf16)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' LlamaForCausalLM (bf16: autocast)")
     p.add_argument("--compile", nargs="?", const="layers", choices=["layers", "model"],
-                   help="also time the engine under torch.compile (inductor): per decoder layer "
-                        "(default) or the whole model")
+                   help="also time the engine under torch.compile (inductor), same model and optimizer: "
+                        "per decoder layer (default) or the whole model forward; the loss is compiled too")
     p.add_argument("--steps", type=int, default=8, help="timed steps per runner (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per runner first (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
@@ -69,10 +70,10 @@ def _fmt(res: dict) -> list[str]:
             lines.append(f"engine compiled / transformers: {res['compiled_ratio']:.2f}x (best steps "
                          f"{res['compiled_ratio_best']:.2f}x, same-round pairs {res['compiled_ratio_paired']:.2f}x)")
         lines.append(f"first-step loss engine {res['first_loss_engine']:.4f}  transformers {res['first_loss_hf']:.4f}")
-    before = res["loadavg_1min"][0]
-    if before > 0.5:  # measured before this process started working
-        lines.append(f"note: load average {before} before the run: other processes share the cores, so absolute "
-                     "numbers are low and noisy; the interleaved ratios are the meaningful part")
+    if res.get("other_runnable_at_start", 0) > 0:
+        lines.append(f"note: {res['other_runnable_at_start']} other runnable task(s) when the run started: other "
+                     "processes share the cores, so absolute numbers are low and noisy; the interleaved ratios "
+                     "are the meaningful part")
     return lines
 
 
@@ -85,8 +86,11 @@ def train(args) -> int:
     over = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "seq", "batch")
             if getattr(args, k) is not None}
     size = replace(size, **over)
-    if args.steps < 1 or args.warmup < 1:
-        raise ConfigError("--steps and --warmup must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.threads < 1 or args.peak_n < 1:
+        raise ConfigError("--steps, --warmup, --threads and --peak-n must be >= 1")
+    bad = [k for k, v in over.items() if v < 1]
+    if bad:
+        raise ConfigError(f"--{bad[0].replace('_', '-')} must be >= 1")
     name = args.size + ("+" + ",".join(f"{k}={v}" for k, v in over.items()) if over else "")
     res = run(size, args.dtype, steps=args.steps, warmup=args.warmup, compare=args.compare,
               compile_mode=args.compile, threads=args.threads, peak_n=args.peak_n, size_name=name,

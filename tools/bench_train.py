@@ -301,12 +301,27 @@ def profile_step(runner, data: torch.Tensor, top: int = 15) -> tuple[dict, str]:
     return dict(sorted(cats.items(), key=lambda kv: -kv[1])), table
 
 
+def _other_runnable(samples: int = 10) -> int:
+    """Most runnable tasks seen in /proc/loadavg over ~0.5 s, not counting this process's reader: > 0
+    means other processes compete for the cores (the 1-minute load average also counts our own past runs)."""
+    most = 0
+    try:
+        for _ in range(samples):
+            with open("/proc/loadavg") as f:
+                most = max(most, int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.05)
+    except (OSError, ValueError, IndexError):
+        return -1
+    return most
+
+
 def run(size: Size, dtype: str = "bf16", steps: int = 8, warmup: int = 2, compare: str | None = None,
         compile_mode: str | None = None, threads: int = 2, peak_n: int = 2048, size_name: str = "custom",
         profile: int = 0, malloc: str = "tuned", attention: str = "sdpa", log=print) -> dict:
     import os
 
     load_before = os.getloadavg()[0]
+    others = _other_runnable()
     torch.set_num_threads(threads)
     malloc_tuned = tune_malloc() if malloc == "tuned" else False
     if attention == "kernel":
@@ -367,7 +382,7 @@ def run(size: Size, dtype: str = "bf16", steps: int = 8, warmup: int = 2, compar
     eng = stats("engine")
     out = {"size": size_name, "dtype": dtype, "threads": threads, "tokens_per_step": tokens,
            "flops_per_token": fpt, "peak_gflops": peak.best, "peak_n": peak_n, "steps": steps, "warmup": warmup,
-           "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+           "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)], "other_runnable_at_start": others,
            "malloc": "tuned" if malloc_tuned else "default", "engine_attention": attention,
            **eng, "dims": asdict(size), "step_times": {k: [round(t, 4) for t in v] for k, v in times.items()}}
     def paired(name: str) -> float:
