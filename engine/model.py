@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
 from engine.layout import ShardSpec, kv_heads_per_rank, shard_layout, vocab_slice
+from kernels.attention import scaled_dot_product_attention
 from kernels.rmsnorm import RMSNorm
 from kernels.rope import apply_rope, inv_frequencies, rope_cos_sin
 from kernels.swiglu import swiglu
@@ -63,8 +64,9 @@ class Attention(nn.Module):
         if mask is None and self.sliding_window and s > self.sliding_window:
             i = torch.arange(s, device=x.device)
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.sliding_window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_q != self.n_kv)
+        # blocked causal kernel for long unmasked training sequences; torch's SDPA otherwise
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_q != self.n_kv)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_q * self.hd))
 
 

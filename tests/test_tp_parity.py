@@ -68,3 +68,27 @@ def test_tp2_gradients_equal_tp1(arch, sp, tmp_path):
             expect = ref[name] if dim is None else ref[name].narrow(dim, start, length)
             diff = (g - expect).abs().max().item()
             assert diff <= 1e-5, f"{arch} sp={sp} rank={rank} {name}: grad diff {diff}"
+
+
+def test_training_attention_kernel_matches_torch_sdpa(monkeypatch):
+    """Long unmasked training sequences take kernels/attention.py: loss and grads equal torch's SDPA."""
+    from engine import model as model_mod
+    from engine.checkpoint import RandomSource
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
+    ids = torch.randint(0, 64, (2, 320))
+
+    def loss_and_grads():
+        m = Transformer(cfg, ParallelState())
+        load_into(m, RandomSource(cfg, 0))
+        loss = vocab_parallel_cross_entropy(m(ids[:, :-1]), ids[:, 1:], None).mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    kernel_loss, kernel_grads = loss_and_grads()
+    monkeypatch.setattr(model_mod, "scaled_dot_product_attention", torch.nn.functional.scaled_dot_product_attention)
+    ref_loss, ref_grads = loss_and_grads()
+    assert abs(kernel_loss - ref_loss) <= 1e-5
+    for n in ref_grads:
+        assert torch.allclose(kernel_grads[n], ref_grads[n], atol=1e-5, rtol=1e-4), n
