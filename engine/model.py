@@ -7,7 +7,6 @@ is split along seq across TP ranks. The LM head returns this rank's vocab slice 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

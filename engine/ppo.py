@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine import rl_math
-from engine.config import load_config, to_dict
+from engine.config import load_config
 from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
 from engine.experience import actor_forward_step, build_experience, critic_forward_step, score
 from engine.model import Transformer
 from engine.reward import RewardConfig, reward_model_scores, rule_scores
 from engine.rollout import make_rollout
+from engine.run_log import RunLog
 from engine.sampler import SamplingParams
 from engine.tokenizer import check_vocab, load_tokenizer
 from engine.train import DTYPES, ParallelConfig, save_checkpoint
@@ -224,18 +224,8 @@ def ppo(cfg: PPOConfig) -> list[dict]:
 
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        metrics_file = open(out / "metrics.jsonl", "w")
-
-    def log(line):
-        history.append(line)
-        if main_rank:
-            metrics_file.write(json.dumps(line) + "\n")
-            metrics_file.flush()
-
-    history: list[dict] = []
+    run = RunLog(cfg.out_dir, cfg, main_rank)
+    log = run.log
     rng = torch.Generator().manual_seed(cfg.seed)
     if eval_ids:
         log({"step": 0, "eval_accuracy": evaluate(rollout, tokenizer, cfg, eval_records, eval_ids)})
@@ -292,8 +282,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
             rollout.sync(actor)
             log({"step": step, "eval_accuracy": evaluate(rollout, tokenizer, cfg, eval_records, eval_ids)})
     rollout.close()
-    if main_rank:
-        metrics_file.close()
+    run.close()
     save_checkpoint(actor, state, out / "actor", cfg.tokenizer)
     if main_rank:
         if cfg.export_hf:
@@ -301,7 +290,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
             native_to_hf(str(out / "actor"), str(out / "hf"), force=True)
         from tools.plot import plot_metrics
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
-    return history
+    return run.history
 
 
 def _update(cfg, exp, actor, critic, actor_opt, critic_opt, ptx_iter, state) -> dict:

@@ -14,18 +14,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.config import load_config, to_dict
+from engine.config import load_config
 from engine.data import read_jsonl
 from engine.errors import DataError
 from engine.model import Transformer
 from engine.ppo import _CriticSource
+from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
 from engine.train import DTYPES, OptimConfig, ParallelConfig, lr_at, save_checkpoint
-from parallel import comm
 from parallel.grads import clip_grads, finalize_tp_grads
 from parallel.optimizer import MasterWeightAdamW, param_groups
 from parallel.state import init_parallel
@@ -116,17 +115,8 @@ def train_rm(cfg: RMConfig) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
-    history = []
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        metrics = open(out / "metrics.jsonl", "w")
-
-    def log(line):
-        history.append(line)
-        if main_rank:
-            metrics.write(json.dumps(line) + "\n")
-            metrics.flush()
+    run = RunLog(cfg.out_dir, cfg, main_rank)
+    log = run.log
 
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = torch.randperm(len(train_pairs), generator=gen), 0
@@ -153,11 +143,9 @@ def train_rm(cfg: RMConfig) -> list[dict]:
             line["eval_accuracy"] = pairwise_accuracy(model, eval_pairs, tokenizer.pad_id)
         log(line)
         bar.set_postfix(loss=f"{line['loss']:.3f}", acc=f"{line.get('eval_accuracy', line['accuracy']):.3f}")
-    if main_rank:
-        metrics.close()
+    run.close()
     save_checkpoint(model, state, out / "checkpoint", cfg.tokenizer)
-    comm.barrier()
-    return history
+    return run.history
 
 
 def main(argv: list[str]) -> int:

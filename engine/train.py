@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.config import ModelConfig, load_config, to_dict
+from engine.config import ModelConfig, load_config
 from engine.data import (IGNORE, attention_mask_from_doc_ids, batches, pack_documents, read_jsonl,
                          tokenize_documents)
 from engine.errors import ConfigError
 from engine.model import Transformer
+from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
 from parallel import comm
 from parallel.grads import clip_grads, finalize_tp_grads
@@ -187,12 +187,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                                   lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        metrics_file = open(out / "metrics.jsonl", "w")
+    run = RunLog(cfg.out_dir, cfg, main_rank)
     params = [p for p in model.parameters() if p.requires_grad]
-    history = []
     bar = tqdm(range(cfg.steps), desc="train", disable=not main_rank, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
@@ -214,16 +210,12 @@ def train(cfg: TrainConfig) -> list[dict]:
         tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * state.dp
         line = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed}
-        history.append(line)
-        if main_rank:
-            metrics_file.write(json.dumps(line) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-    if main_rank:
-        metrics_file.close()
+        run.log(line)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+    run.close()
     if cfg.save:
         save_checkpoint(model, state, out / "checkpoint", cfg.data.tokenizer)
-    return history
+    return run.history
 
 
 def main(argv: list[str]) -> int:

@@ -67,3 +67,15 @@ def test_prompt_too_long_is_skipped_and_empty_file_is_an_error(actor, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "empty" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_reward_model_training_learns_and_saves(actor, tmp_path):
+    from engine.rm import RMConfig, train_rm
+    cfg = load_config(RMConfig, None, [f"--init={actor}", "--steps=30", "--batch_pairs=8", "--eval_every=30",
+                                       f"--out_dir={tmp_path}/rm", "--optim.lr=1e-3"])
+    hist = train_rm(cfg)
+    first, last = (sum(h["loss"] for h in part) / 5 for part in (hist[:5], hist[-5:]))
+    assert last < first and "eval_accuracy" in hist[-1]
+    assert (tmp_path / "rm" / "checkpoint" / "trident_index.json").is_file()
+    from engine.checkpoint import NativeSource
+    assert NativeSource(tmp_path / "rm" / "checkpoint").config.value_head
