@@ -33,6 +33,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _read_json(path: Path, missing: str) -> dict:
+    """A JSON file, or a one-line CheckpointError (`missing` when absent)."""
+    if not path.is_file():
+        raise CheckpointError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
 class _SafetensorsFiles:
     """Lazy handles on a set of safetensors files."""
 
@@ -62,13 +72,7 @@ class HFSource(_SafetensorsFiles):
     def __init__(self, path: str | os.PathLike):
         root = Path(path)
         super().__init__(root)
-        cfg_path = root / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{root} has no config.json (not an HF model directory)")
-        try:
-            self.hf_config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+        self.hf_config = _read_json(root / "config.json", f"{root} has no config.json (not an HF model directory)")
         self.config = ModelConfig.from_hf(self.hf_config)
         index = root / "model.safetensors.index.json"
         if index.is_file():
@@ -101,12 +105,7 @@ class NativeSource(_SafetensorsFiles):
         root = Path(path)
         super().__init__(root)
         index = root / INDEX
-        if not index.is_file():
-            raise CheckpointError(f"{root} is not a complete trident checkpoint (no {INDEX})")
-        try:
-            self.index = json.loads(index.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index} is not valid JSON: {e}") from None
+        self.index = _read_json(index, f"{root} is not a complete trident checkpoint (no {INDEX})")
         if self.index.get("format") != "trident-native":
             raise CheckpointError(f"{index} is not a trident-native index")
         self.config = ModelConfig(**self.index["model"])

@@ -193,5 +193,16 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
     return from_dict(cls, data)
 
 
+def parse_run_args(cls, argv: list[str], prog: str, description: str, epilog: str | None = None):
+    """`--config FILE` plus any `--section.key=value` overrides -> a validated `cls`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, epilog=epilog,
+                                     description=f"{description} Override any config field as --section.key=value.")
+    parser.add_argument("--config", help="YAML run config (omitted: the embedded defaults)")
+    args, overrides = parser.parse_known_args(argv)
+    return load_config(cls, args.config, overrides)
+
+
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -6,7 +6,6 @@ epochs x minibatches of actor and critic updates (each a loss-agnostic schedule 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine import rl_math
-from engine.config import load_config
+from engine.config import parse_run_args
 from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
 from engine.experience import actor_forward_step, build_experience, critic_forward_step, score
@@ -205,8 +204,6 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if state.pp > 1 or state.dp > 1:
         raise ConfigError("ppo runs tensor parallel only (pp = dp = 1) until 3D parallelism lands")
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     actor = build(actor_source, state, cfg)
     ref = build(actor_source, state, cfg, trainable=False)
     critic = build(ckpt.open_source(cfg.critic) if cfg.critic else actor_source, state, cfg, value_head=True)
@@ -219,8 +216,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     moments = rl_math.RunningMoments()
     rollout = make_rollout(cfg.rollout.backend, actor, tokenizer.eos_id, tokenizer.pad_id,
                            actor.cfg.max_position_embeddings, tp_gen=cfg.rollout.vllm_tp,
-                           enforce_eager=cfg.rollout.vllm_eager) if cfg.rollout.backend != "native" else \
-        make_rollout("native", actor, tokenizer.eos_id, tokenizer.pad_id, actor.cfg.max_position_embeddings)
+                           enforce_eager=cfg.rollout.vllm_eager)
 
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
@@ -336,10 +332,7 @@ def _ptx_backward(actor, mb, coef):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="trident ppo", description="PPO for RLHF. Override any field as --a.b=c.")
-    parser.add_argument("--config", help="YAML run config")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(PPOConfig, args.config, overrides)
+    cfg = parse_run_args(PPOConfig, argv, "trident ppo", "PPO for RLHF.")
     history = ppo(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         evals = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]

@@ -5,7 +5,6 @@ score is the head's value at its last token (the EOS after the response). Loss: 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.config import load_config
+from engine.config import parse_run_args
 from engine.data import read_jsonl
 from engine.errors import DataError
 from engine.model import Transformer
@@ -102,8 +101,6 @@ def train_rm(cfg: RMConfig) -> list[dict]:
     eval_pairs = encode_pairs(read_jsonl(cfg.eval, ("prompt", "chosen", "rejected")), tokenizer, cfg.max_len)[0] \
         if cfg.eval else []
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     model_cfg = source.config
     if not model_cfg.value_head:
         model_cfg, source = type(model_cfg)(**{**vars(model_cfg), "value_head": True}), _CriticSource(source, head_std=0.02, seed=cfg.seed)
@@ -149,10 +146,7 @@ def train_rm(cfg: RMConfig) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="trident rm", description="Reward-model training (Bradley-Terry).")
-    parser.add_argument("--config", help="YAML run config")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(RMConfig, args.config, overrides)
+    cfg = parse_run_args(RMConfig, argv, "trident rm", "Reward-model training (Bradley-Terry).")
     history = train_rm(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         evals = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]

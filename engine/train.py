@@ -1,11 +1,10 @@
 """`trident train`: pretraining and SFT on JSONL, tensor-parallel, with packing and accumulation.
 
-  trident train --config tools/configs/sft_tiny.yaml --optim.lr=3e-4
+  trident train --config tools/configs/demo_sft.yaml --optim.lr=3e-4
   torchrun --nproc-per-node 2 -m engine.cli train --config ... --parallel.tp=2
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.config import ModelConfig, load_config
+from engine.config import ModelConfig, parse_run_args
 from engine.data import (IGNORE, attention_mask_from_doc_ids, batches, pack_documents, read_jsonl,
                          tokenize_documents)
 from engine.errors import ConfigError
@@ -173,8 +172,6 @@ def train(cfg: TrainConfig) -> list[dict]:
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if state.pp > 1:
         raise ConfigError("pipeline parallelism (pp > 1) is not available in train yet")
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     # Everything that can fail on bad input happens before the run directory exists.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     records = read_jsonl(cfg.data.path)
@@ -219,12 +216,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="trident train", description="Pretraining / SFT. Any config field can be overridden as --section.key=value.",
-        epilog="example: trident train --config tools/configs/sft_tiny.yaml --parallel.tp=2 --steps=50")
-    parser.add_argument("--config", help="YAML run config (defaults: the embedded tiny SFT run)")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = parse_run_args(TrainConfig, argv, "trident train", "Pretraining / SFT.",
+                         epilog="example: trident train --config tools/configs/demo_sft.yaml --parallel.tp=2 --steps=50")
     history = train(cfg)
     if history and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"final_loss": history[-1]["loss"], "steps": len(history), "out_dir": cfg.out_dir}))

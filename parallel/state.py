@@ -99,6 +99,10 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_
     if torch.cuda.is_available() and backend != "gloo":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if device.type == "cpu" and local_ranks:
+        # ranks sharing a CPU node split its cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if world_size == 1 and not dist.is_initialized():
         return ParallelState(device=device)
     if not dist.is_initialized():
