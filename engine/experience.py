@@ -72,14 +72,20 @@ def action_values(values: torch.Tensor, exp: Experience) -> torch.Tensor:
 
 @torch.no_grad()
 def score(exp: Experience, actor, ref, critic, temperature: float, micro_batch_size: int) -> None:
-    """Fill old_logp, ref_logp and old_values, micro-batch by micro-batch."""
+    """Fill ref_logp, old_logp (unless actor is None: already taken from the rollout) and old_values
+    (with a critic), micro-batch by micro-batch."""
     olds, refs, vals = [], [], []
     for idx in torch.arange(len(exp)).split(micro_batch_size):
         part = exp.select(idx)
-        olds.append(action_log_probs(actor, actor(part.input_ids), part, temperature))
+        if actor is not None:
+            olds.append(action_log_probs(actor, actor(part.input_ids), part, temperature))
         refs.append(action_log_probs(ref, ref(part.input_ids), part, temperature))
-        vals.append(action_values(critic(part.input_ids), part))
-    exp.old_logp, exp.ref_logp, exp.old_values = torch.cat(olds), torch.cat(refs), torch.cat(vals)
+        if critic is not None:
+            vals.append(action_values(critic(part.input_ids), part))
+    if olds:
+        exp.old_logp = torch.cat(olds)
+    exp.ref_logp = torch.cat(refs)
+    exp.old_values = torch.cat(vals) if vals else None
 
 
 def actor_forward_step(cfg, temperature: float, scale: float):

@@ -41,12 +41,16 @@ class RolloutConfig:
     prompts: str = "data/arith_prompts.jsonl"
     """JSONL with a `prompt` field (plus whatever the reward rules read, e.g. `answer`)."""
     prompts_per_step: int = 64
-    """Prompts sampled per PPO step (one response each)."""
+    """Prompts sampled per PPO step."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (the group the grpo / rloo baselines average over)."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k."""
     max_new_tokens: int = 8
+    ignore_eos: bool = False
+    """Always generate max_new_tokens (benchmarks); EOS then ends nothing."""
     vllm_tp: int = 1
     """vLLM's own tensor-parallel size."""
     vllm_eager: bool = True
@@ -55,6 +59,9 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
+    advantage: str = "gae"
+    """gae: critic + GAE (PPO); grpo / rloo: critic-free baseline over each prompt's samples
+    (needs rollout.samples_per_prompt > 1; no critic is built or trained)."""
     epochs: int = 1
     """Passes over each rollout buffer."""
     minibatches: int = 1
@@ -76,7 +83,12 @@ class AlgoConfig:
     """Adaptive KL controller target (None: fixed coefficient)."""
     kl_horizon: int = 10000
     entropy_coef: float = 0.0
+    old_logprobs: str = "recompute"
+    """recompute: the actor re-scores the rollout before the update (exact in any precision);
+    rollout: take the generator's own sampled-token log-probs (saves one actor forward; they agree
+    with the trainer's to ~1e-6 in fp32, less in bf16)."""
     whiten_advantages: bool = True
+    """Whiten GAE advantages over the batch (group advantages are already baselined per prompt)."""
     normalize_rewards: bool = False
     """Divide scores by a running std of all scores seen (mean kept)."""
     ptx_coef: float = 0.0
@@ -172,21 +184,121 @@ def optimizer_step(model, optimizer, clip: float, state) -> float:
     return norm
 
 
-def evaluate(rollout, tokenizer, cfg: PPOConfig, records, ids) -> float:
-    params = SamplingParams(temperature=0, max_new_tokens=cfg.rollout.max_new_tokens)
-    out = rollout.generate(ids, params)
-    texts = [tokenizer.decode(r) for r in out.responses]
-    scores, valid = rule_scores(cfg.reward.rules, [r["prompt"] for r in records], texts, records)
-    return float(((scores >= 1.0) & valid).float().mean())
+class PPOTrainer:
+    """Actor, critic (GAE only), frozen reference, optional reward model, their optimizers and the
+    rollout engine; `step` runs one PPO iteration on a batch of prompts and returns its metrics."""
+
+    def __init__(self, cfg: PPOConfig, state, actor_source, critic_source=None, rm_source=None,
+                 eos_id: int = 2, pad_id: int = 0, ptx_iter=None):
+        self.cfg, self.state, self.pad_id = cfg, state, pad_id
+        self.use_critic = cfg.algo.advantage == "gae"
+        self.actor = build(actor_source, state, cfg)
+        self.ref = build(actor_source, state, cfg, trainable=False)
+        self.critic = build(critic_source or actor_source, state, cfg, value_head=True) if self.use_critic else None
+        self.rm = build(rm_source, state, cfg, trainable=False) if rm_source else None
+        self.actor_opt = MasterWeightAdamW(param_groups(self.actor.named_parameters(), 0.0), lr=cfg.actor_lr)
+        self.critic_opt = (MasterWeightAdamW(param_groups(self.critic.named_parameters(), 0.0), lr=cfg.critic_lr)
+                           if self.critic else None)
+        self.ptx_iter = ptx_iter
+        algo = cfg.algo
+        self.kl_ctl = (rl_math.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+                       if algo.kl_target else rl_math.FixedKLController(algo.kl_coef))
+        self.moments = rl_math.RunningMoments()
+        self.rollout = make_rollout(cfg.rollout.backend, self.actor, eos_id, pad_id,
+                                    self.actor.cfg.max_position_embeddings, tp_gen=cfg.rollout.vllm_tp,
+                                    enforce_eager=cfg.rollout.vllm_eager)
+        self.synced = True  # the rollout engine starts from the initial actor
+
+    def sync(self) -> float:
+        """Hand the current actor weights to the rollout engine (once per update)."""
+        if self.synced:
+            return 0.0
+        self.synced = True
+        return self.rollout.sync(self.actor)
+
+    def step(self, step: int, prompts: list[list[int]], rule_fn) -> dict:
+        """One PPO iteration. `prompts` holds each prompt `samples_per_prompt` times in a row;
+        `rule_fn(responses) -> (scores, valid)` scores the generated token lists by the rules."""
+        cfg, algo = self.cfg, self.cfg.algo
+        sync_s = self.sync()
+
+        t0 = time.perf_counter()
+        sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
+                                  cfg.rollout.max_new_tokens, not cfg.rollout.ignore_eos, cfg.seed * 100003 + step)
+        gen = self.rollout.generate(prompts, sampling)
+        gen_s = time.perf_counter() - t0
+        gen_tokens = sum(len(r) for r in gen.responses)
+
+        t0 = time.perf_counter()
+        scores, valid = rule_fn(gen.responses)
+        valid &= torch.tensor([len(r) > 0 for r in gen.responses])
+        exp = build_experience(prompts, gen.responses, valid, self.pad_id)
+        if self.rm is not None:
+            scores = scores + cfg.reward.model_weight * reward_model_scores(self.rm, exp.input_ids, exp.last_index)
+        raw_scores = scores.clone()
+        if algo.normalize_rewards:
+            self.moments.update(scores[valid])
+            scores = scores / (self.moments.var ** 0.5 + 1e-8)
+        if algo.old_logprobs == "rollout":
+            exp.old_logp = _pad_rows(gen.logprobs, exp.action_mask.shape[1])
+        score(exp, None if algo.old_logprobs == "rollout" else self.actor, self.ref, self.critic,
+              cfg.rollout.temperature, algo.micro_batch_size)
+        kl = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, "k1") * exp.action_mask
+        penalty = self.kl_ctl.value if algo.kl_mode == "reward" else 0.0
+        kl_for_reward = kl
+        if algo.kl_mode == "reward" and algo.kl_estimator != "k1":
+            kl_for_reward = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, algo.kl_estimator) * exp.action_mask
+        if self.use_critic:
+            rewards = rl_math.token_rewards(scores, exp.action_mask, kl_for_reward, penalty)
+            exp.advantages, exp.returns = rl_math.gae(rewards, exp.old_values, exp.action_mask, algo.gamma, algo.lam)
+            if algo.whiten_advantages:
+                exp.advantages = rl_math.masked_whiten(exp.advantages, exp.action_mask)
+        else:
+            seq_adv = rl_math.group_advantages(scores, cfg.rollout.samples_per_prompt, algo.advantage, valid)
+            exp.advantages = rl_math.outcome_advantages(seq_adv, exp.action_mask, -penalty * kl_for_reward)
+        score_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stats = _update(cfg, exp, self.actor, self.critic, self.actor_opt, self.critic_opt, self.ptx_iter, self.state)
+        self.synced = False
+        train_s = time.perf_counter() - t0
+        mean_kl = float(kl.sum(-1)[valid].mean()) if valid.any() else 0.0
+        self.kl_ctl.update(mean_kl, len(prompts))
+        return {"step": step, "reward_mean": float(raw_scores[valid].mean()) if valid.any() else float("nan"),
+                "kl": mean_kl, "kl_coef": self.kl_ctl.value, **stats,
+                "response_len": gen_tokens / len(prompts), "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
+                "sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s,
+                "step_s": sync_s + gen_s + score_s + train_s, "skipped_samples": int((~valid).sum())}
+
+    def evaluate(self, tokenizer, records, ids) -> float:
+        """Greedy accuracy on held-out prompts (share of samples every rule scores >= 1)."""
+        self.sync()
+        params = SamplingParams(temperature=0, max_new_tokens=self.cfg.rollout.max_new_tokens)
+        out = self.rollout.generate(ids, params)
+        texts = [tokenizer.decode(r) for r in out.responses]
+        scores, valid = rule_scores(self.cfg.reward.rules, [r["prompt"] for r in records], texts, records)
+        return float(((scores >= 1.0) & valid).float().mean())
+
+    def close(self) -> None:
+        self.rollout.close()
+
+
+def check_config(cfg: PPOConfig) -> None:
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    for name, allowed in (("kl_mode", ("reward", "loss")), ("kl_estimator", ("k1", "k2", "k3")),
+                          ("advantage", ("gae", "grpo", "rloo")), ("old_logprobs", ("recompute", "rollout"))):
+        if getattr(cfg.algo, name) not in allowed:
+            raise ConfigError(f"algo.{name} must be one of {', '.join(allowed)}")
+    group = cfg.rollout.samples_per_prompt
+    if group < 1:
+        raise ConfigError("rollout.samples_per_prompt must be >= 1")
+    if cfg.algo.advantage != "gae" and group < 2:
+        raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs rollout.samples_per_prompt >= 2")
 
 
 def ppo(cfg: PPOConfig) -> list[dict]:
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    for name in ("kl_mode", "kl_estimator"):
-        allowed = {"kl_mode": ("reward", "loss"), "kl_estimator": ("k1", "k2", "k3")}[name]
-        if getattr(cfg.algo, name) not in allowed:
-            raise ConfigError(f"algo.{name} must be one of {', '.join(allowed)}")
+    check_config(cfg)
     actor_source = ckpt.open_source(cfg.actor)
     actor_source.config.validate_tp(cfg.parallel.tp)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -204,82 +316,36 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if state.pp > 1 or state.dp > 1:
         raise ConfigError("ppo runs tensor parallel only (pp = dp = 1) until 3D parallelism lands")
-    actor = build(actor_source, state, cfg)
-    ref = build(actor_source, state, cfg, trainable=False)
-    critic = build(ckpt.open_source(cfg.critic) if cfg.critic else actor_source, state, cfg, value_head=True)
-    rm = build(rm_source, state, cfg, trainable=False) if rm_source else None
-    actor_opt = MasterWeightAdamW(param_groups(actor.named_parameters(), 0.0), lr=cfg.actor_lr)
-    critic_opt = MasterWeightAdamW(param_groups(critic.named_parameters(), 0.0), lr=cfg.critic_lr)
-    ptx_iter = _ptx_batches(cfg, tokenizer, state) if cfg.algo.ptx_coef else None
-    kl_ctl = (rl_math.AdaptiveKLController(cfg.algo.kl_coef, cfg.algo.kl_target, cfg.algo.kl_horizon)
-              if cfg.algo.kl_target else rl_math.FixedKLController(cfg.algo.kl_coef))
-    moments = rl_math.RunningMoments()
-    rollout = make_rollout(cfg.rollout.backend, actor, tokenizer.eos_id, tokenizer.pad_id,
-                           actor.cfg.max_position_embeddings, tp_gen=cfg.rollout.vllm_tp,
-                           enforce_eager=cfg.rollout.vllm_eager)
-
+    trainer = PPOTrainer(cfg, state, actor_source, ckpt.open_source(cfg.critic) if cfg.critic else None,
+                         rm_source, tokenizer.eos_id, tokenizer.pad_id,
+                         _ptx_batches(cfg, tokenizer, state) if cfg.algo.ptx_coef else None)
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
     run = RunLog(cfg.out_dir, cfg, main_rank)
-    log = run.log
-    rng = torch.Generator().manual_seed(cfg.seed)
     if eval_ids:
-        log({"step": 0, "eval_accuracy": evaluate(rollout, tokenizer, cfg, eval_records, eval_ids)})
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"ppo[{rollout.name}]", disable=not main_rank, dynamic_ncols=True)
+        run.log({"step": 0, "eval_accuracy": trainer.evaluate(tokenizer, eval_records, eval_ids)})
+    rng = torch.Generator().manual_seed(cfg.seed)
+    group = cfg.rollout.samples_per_prompt
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}]", disable=not main_rank,
+               dynamic_ncols=True)
     for step in bar:
         pick = torch.randperm(len(prompt_ids), generator=rng)[: cfg.rollout.prompts_per_step].tolist()
-        batch_records, batch_prompts = [records[i] for i in pick], [prompt_ids[i] for i in pick]
-        sync_s = rollout.sync(actor) if step > 1 else 0.0
+        pick = [i for i in pick for _ in range(group)]  # each prompt's samples sit together
+        batch = [records[i] for i in pick]
 
-        t0 = time.perf_counter()
-        sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
-                                  cfg.rollout.max_new_tokens, True, cfg.seed * 100003 + step)
-        gen = rollout.generate(batch_prompts, sampling)
-        gen_s = time.perf_counter() - t0
-        gen_tokens = sum(len(r) for r in gen.responses)
+        def rule_fn(responses, batch=batch):
+            texts = [tokenizer.decode(r) for r in responses]
+            return rule_scores(cfg.reward.rules, [r["prompt"] for r in batch], texts, batch)
 
-        t0 = time.perf_counter()
-        texts = [tokenizer.decode(r) for r in gen.responses]
-        scores, valid = rule_scores(cfg.reward.rules, [r["prompt"] for r in batch_records], texts, batch_records)
-        valid &= torch.tensor([len(r) > 0 for r in gen.responses])
-        exp = build_experience(batch_prompts, gen.responses, valid, tokenizer.pad_id)
-        if rm is not None:
-            scores = scores + cfg.reward.model_weight * reward_model_scores(rm, exp.input_ids, exp.last_index)
-        raw_scores = scores.clone()
-        if cfg.algo.normalize_rewards:
-            moments.update(scores[valid])
-            scores = scores / (moments.var ** 0.5 + 1e-8)
-        score(exp, actor, ref, critic, cfg.rollout.temperature, cfg.algo.micro_batch_size)
-        kl = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, "k1") * exp.action_mask
-        penalty = kl_ctl.value if cfg.algo.kl_mode == "reward" else 0.0
-        if cfg.algo.kl_mode == "reward" and cfg.algo.kl_estimator != "k1":
-            kl_for_reward = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, cfg.algo.kl_estimator) * exp.action_mask
-        else:
-            kl_for_reward = kl
-        rewards = rl_math.token_rewards(scores, exp.action_mask, kl_for_reward, penalty)
-        exp.advantages, exp.returns = rl_math.gae(rewards, exp.old_values, exp.action_mask, cfg.algo.gamma, cfg.algo.lam)
-        if cfg.algo.whiten_advantages:
-            exp.advantages = rl_math.masked_whiten(exp.advantages, exp.action_mask)
-        score_s = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        stats = _update(cfg, exp, actor, critic, actor_opt, critic_opt, ptx_iter, state)
-        train_s = time.perf_counter() - t0
-        mean_kl = float(kl.sum(-1)[valid].mean()) if valid.any() else 0.0
-        kl_ctl.update(mean_kl, len(pick))
-        line = {"step": step, "reward_mean": float(raw_scores[valid].mean()) if valid.any() else float("nan"),
-                "kl": mean_kl, "kl_coef": kl_ctl.value, **stats,
-                "response_len": gen_tokens / len(pick), "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
-                "sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s,
-                "skipped_samples": int((~valid).sum()), "skipped_prompts": skipped_prompts}
-        log(line)
-        bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{mean_kl:.3f}")
+        line = trainer.step(step, [prompt_ids[i] for i in pick], rule_fn)
+        line["skipped_prompts"] = skipped_prompts
+        run.log(line)
+        bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{line['kl']:.3f}")
         if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
-            rollout.sync(actor)
-            log({"step": step, "eval_accuracy": evaluate(rollout, tokenizer, cfg, eval_records, eval_ids)})
-    rollout.close()
+            run.log({"step": step, "eval_accuracy": trainer.evaluate(tokenizer, eval_records, eval_ids)})
+    trainer.close()
     run.close()
-    save_checkpoint(actor, state, out / "actor", cfg.tokenizer)
+    save_checkpoint(trainer.actor, state, out / "actor", cfg.tokenizer)
     if main_rank:
         if cfg.export_hf:
             from tools.convert import native_to_hf
@@ -287,6 +353,13 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         from tools.plot import plot_metrics
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return run.history
+
+
+def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
 
 
 def _update(cfg, exp, actor, critic, actor_opt, critic_opt, ptx_iter, state) -> dict:
@@ -302,9 +375,12 @@ def _update(cfg, exp, actor, critic, actor_opt, critic_opt, ptx_iter, state) -> 
             a_stats = forward_backward_no_pipelining(actor_forward_step(algo, cfg.rollout.temperature, scale), actor, micro)
             if ptx_iter is not None:
                 _ptx_backward(actor, next(ptx_iter), algo.ptx_coef)
-            c_stats = forward_backward_no_pipelining(critic_forward_step(algo, scale), critic, micro)
+            c_stats = []
+            if critic is not None:
+                c_stats = forward_backward_no_pipelining(critic_forward_step(algo, scale), critic, micro)
             optimizer_step(actor, actor_opt, cfg.clip_grad, state)
-            optimizer_step(critic, critic_opt, cfg.clip_grad, state)
+            if critic is not None:
+                optimizer_step(critic, critic_opt, cfg.clip_grad, state)
             for s in a_stats + c_stats:
                 for k, v in s.items():
                     sums[k] = sums.get(k, 0.0) + v

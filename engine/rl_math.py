@@ -84,6 +84,44 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
+def group_advantages(scores: torch.Tensor, group_size: int, method: str = "grpo",
+                     valid: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free outcome advantage per sequence, baselined on the other samples of its prompt.
+
+    Rows come in consecutive groups of `group_size` samples of one prompt. Invalid samples (skipped
+    rewards) get 0 and are left out of their group's statistics.
+      grpo: (r - mean_g) / (std_g + eps)             (Shao et al. 2024, unbiased std)
+      rloo: r - mean of the group's other samples    (Ahmadian et al. 2024)
+    """
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} samples do not split into groups of {group_size}")
+    r = scores.float().view(-1, group_size)
+    v = (torch.ones_like(r) if valid is None else valid.float().view(-1, group_size))
+    r = r * v
+    n = v.sum(-1, keepdim=True)
+    total = r.sum(-1, keepdim=True)
+    if method == "rloo":
+        adv = r - (total - r) / (n - 1).clamp(min=1)
+    elif method == "grpo":
+        mean = total / n.clamp(min=1)
+        var = ((r - mean).square() * v).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = (r - mean) / (var.sqrt() + eps)
+    else:
+        raise ValueError(f"unknown group advantage {method!r} (grpo, rloo)")
+    adv = adv * v * (n > 1)  # a prompt with a single valid sample has no baseline: no signal
+    return adv.view(-1)
+
+
+def outcome_advantages(seq_advantages: torch.Tensor, mask: torch.Tensor,
+                       token_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token advantage = the sequence's advantage plus the reward-to-go of per-token rewards
+    (e.g. the -coef * KL penalty), undiscounted; 0 on padding."""
+    adv = seq_advantages.float()[:, None].expand_as(mask)
+    if token_rewards is not None:
+        adv = adv + (token_rewards * mask).flip(-1).cumsum(-1).flip(-1)
+    return adv * mask
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_eps: float = 0.2, dual_clip: float | None = None, group=None) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (optionally dual-clip, Ye et al. 2020); returns (loss, stats)."""

@@ -85,6 +85,7 @@ class VLLMRollout:
             self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,
                            dtype=hf_cfg["torch_dtype"], tensor_parallel_size=tp_gen, max_model_len=max_model_len,
                            worker_extension_cls="engine.vllm_worker.WeightSyncExtension", seed=0)
+            _renice_children()
         del tensors
 
     def sync(self, model) -> float:
@@ -102,11 +103,13 @@ class VLLMRollout:
         result = None
         if self.is_driver:
             from vllm import SamplingParams as VP
-            vp = VP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
-                    max_tokens=params.max_new_tokens, logprobs=0, seed=params.seed,
-                    stop_token_ids=[self.eos_id] if params.stop_at_eos else None,
-                    ignore_eos=not params.stop_at_eos)
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], vp, use_tqdm=False)
+            # one seed per request: repeated prompts (a group of samples) must not draw identical samples
+            vps = [VP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
+                      max_tokens=params.max_new_tokens, logprobs=0,
+                      seed=None if params.seed is None else params.seed + i,
+                      stop_token_ids=[self.eos_id] if params.stop_at_eos else None,
+                      ignore_eos=not params.stop_at_eos) for i in range(len(prompts))]
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], vps, use_tqdm=False)
             responses, logprobs = [], []
             for o in outs:
                 c = o.outputs[0]
@@ -120,6 +123,19 @@ class VLLMRollout:
         if self.llm is not None:
             del self.llm
             self.llm = None
+
+
+def _renice_children(niceness: int = 19) -> None:
+    """vLLM's engine and worker processes busy-poll their queues for ~1 s after every request; when
+    they share cores with training (CPU, or a small node) that spin steals the trainer's time. At the
+    lowest priority they still get every idle cycle, and generation runs while the trainer waits."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.nice(niceness)
+        except (psutil.Error, OSError):
+            pass
 
 
 def _world_group():

@@ -5,6 +5,8 @@ worker's `reload_weights` re-packs them into its kernel layouts (a raw `load_wei
 """
 from __future__ import annotations
 
+import time
+
 
 class WeightSyncExtension:
     def trident_load_weights(self, payload: bytes) -> int:
@@ -13,3 +15,12 @@ class WeightSyncExtension:
         tensors = load(payload)
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
         return len(tensors)
+
+    def trident_reload_seconds(self, payload: bytes) -> float:
+        """Time `reload_weights` alone (tensors deserialised first): the floor a weight sync compares to."""
+        from safetensors.torch import load
+
+        tensors = load(payload)
+        t0 = time.perf_counter()
+        self.model_runner.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        return time.perf_counter() - t0

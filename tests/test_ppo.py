@@ -33,7 +33,7 @@ def test_ppo_tp2_runs_and_writes_everything(actor, tmp_path):
                                                         "--algo.kl_mode=loss", "--algo.kl_estimator=k3",
                                                         "--algo.dual_clip=3.0", "--algo.kl_target=0.1",
                                                         '--reward.rules={"tests.ppo_rewards:text_length": 1.0}'))
-    timing = {"gen_tokens_per_s", "sync_s", "gen_s", "score_s", "train_s"}
+    timing = {"gen_tokens_per_s", "sync_s", "gen_s", "score_s", "train_s", "step_s"}
     strip = [[{k: v for k, v in h.items() if k not in timing} for h in rank] for rank in hist]
     assert strip[0] == strip[1]  # every TP rank sees the same rollout and the same statistics
     steps = [h for h in hist[0] if "reward_mean" in h]
@@ -79,3 +79,16 @@ def test_reward_model_training_learns_and_saves(actor, tmp_path):
     assert (tmp_path / "rm" / "checkpoint" / "trident_index.json").is_file()
     from engine.checkpoint import NativeSource
     assert NativeSource(tmp_path / "rm" / "checkpoint").config.value_head
+
+
+def test_group_advantage_runs_without_critic_and_checks_its_config(actor, tmp_path, capsys):
+    args = _args(actor, tmp_path / "g", "--steps=2", "--eval.path=null", "--export_hf=false",
+                 "--algo.advantage=rloo", "--rollout.samples_per_prompt=4", "--algo.old_logprobs=rollout",
+                 '--reward.rules={"tests.ppo_rewards:text_length": 1.0}')
+    steps = ppo(load_config(PPOConfig, None, args))
+    assert len(steps) == 2 and "value_loss" not in steps[0] and steps[1]["kl"] != 0
+    assert steps[0]["response_len"] > 0
+    capsys.readouterr()
+    code = main(["ppo", *_args(actor, tmp_path / "bad", "--algo.advantage=grpo")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "samples_per_prompt" in err and not (tmp_path / "bad").exists()

@@ -113,3 +113,32 @@ def test_adaptive_kl_controller_moves_towards_target():
     c2 = rl_math.AdaptiveKLController(0.1, target=1.0, horizon=100)
     c2.update(0.1, 10)
     assert c2.value < 0.1
+
+
+def test_group_advantages_match_definitions():
+    torch.manual_seed(0)
+    scores = torch.rand(12)
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[5] = False  # skipped sample: out of its group's statistics, advantage 0
+    grpo = rl_math.group_advantages(scores, 4, "grpo", valid)
+    rloo = rl_math.group_advantages(scores, 4, "rloo", valid)
+    for g in range(3):
+        idx = [i for i in range(4 * g, 4 * g + 4) if valid[i]]
+        r = scores[idx]
+        torch.testing.assert_close(grpo[idx], (r - r.mean()) / (r.std() + 1e-6))
+        for i in idx:
+            others = [j for j in idx if j != i]
+            torch.testing.assert_close(rloo[i], scores[i] - scores[others].mean())
+    assert grpo[5] == 0 and rloo[5] == 0
+    # all samples of a prompt equal: no signal
+    assert torch.all(rl_math.group_advantages(torch.ones(8), 4, "grpo") == 0)
+    with pytest.raises(ValueError):
+        rl_math.group_advantages(scores, 5)
+
+
+def test_outcome_advantages_add_reward_to_go_of_token_rewards():
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    kl_rewards = torch.tensor([[-0.1, -0.2, -0.3, -9], [-0.5, -0.5, -9, -9]])
+    adv = rl_math.outcome_advantages(torch.tensor([1.0, -1.0]), mask, kl_rewards)
+    expected = torch.tensor([[1 - 0.6, 1 - 0.5, 1 - 0.3, 0], [-1 - 1.0, -1 - 0.5, 0, 0]])
+    torch.testing.assert_close(adv, expected)

@@ -1,6 +1,7 @@
-"""`trident bench ...`: performance measurements. Subcommands: train.
+"""`trident bench ...`: performance measurements. Subcommands: train, ppo.
 
     python -m tools.bench train --size M --dtype bf16 --compare hf [--compile]
+    python -m tools.bench ppo --size L --dtype bf16
 
 Prints a human-readable summary, then, as the last line, one JSON object with every number.
 """
@@ -48,6 +49,48 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, torch.profiler one step of each runner and print its top N ops")
     return p
+
+
+def _ppo_parser(sub) -> argparse.ArgumentParser:
+    from tools.bench_ppo import SIZES
+
+    p = sub.add_parser(
+        "ppo", help="seconds per PPO step: generation, weight sync, ref/reward/value scoring, training",
+        description="Run PPO steps with actor, critic and reward model Llamas of one size (random weights, "
+                    "vocab 4096, random prompts, fixed-length responses, 1 epoch x 1 minibatch) and print the "
+                    "median time per phase, the vLLM weight-sync overhead against its own reload_weights, and "
+                    "the speed-up over TRL's PPOTrainer measured at the same settings. The last output line is "
+                    "one JSON object with every number.",
+        epilog="example: trident bench ppo --size L --dtype bf16")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="reference setting (default tiny)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 64)")
+    p.add_argument("--backend", default="auto", choices=["auto", "vllm", "native"],
+                   help="rollout backend (default auto: vllm when installed)")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="model dtype (default bf16)")
+    p.add_argument("--old-logprobs", default="recompute", choices=["recompute", "rollout"],
+                   help="old log-probs re-scored by the actor (default) or taken from the generator")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    return p
+
+
+def ppo(args) -> int:
+    from dataclasses import replace
+
+    from tools.bench_ppo import SIZES, format_result, run
+
+    if args.steps < 1 or args.warmup < 0 or (args.prompt_len is not None and args.prompt_len < 2):
+        raise ConfigError("--steps must be >= 1, --warmup >= 0 and --prompt-len >= 2")
+    size = SIZES[args.size] if args.prompt_len is None else replace(SIZES[args.size], prompt_len=args.prompt_len)
+    backend = args.backend
+    if backend == "auto":
+        from engine.rollout import vllm_available
+        backend = "vllm" if vllm_available() else "native"
+    res = run(size, backend, args.dtype, args.steps, args.warmup, args.old_logprobs, args.size)
+    for line in format_result(res):
+        print(line)
+    print(json.dumps(res), flush=True)
+    return 0
 
 
 def _fmt(res: dict) -> list[str]:
@@ -105,10 +148,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="trident bench", description="Performance benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _ppo_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return train(args)
+        if args.command == "ppo":
+            return ppo(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

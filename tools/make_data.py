@@ -9,7 +9,10 @@ Writes to --out:
   pretrain.jsonl       {"text": "12 plus 35 is 47. ..."}               arithmetic facts as prose
   tokenizer.model      sentencepiece BPE trained on all of the above
 
-Problems are a+b and a-b (a >= b) with a, b in 0..99. Eval and RL problems are disjoint from each
+Problems are a+b and a-b (a >= b) with a, b in 0..99. The demonstrations are imperfect, as human
+ones are: a share ROUNDED_SFT of SFT responses give the answer rounded to the nearest ten (an
+estimate, like "about 60"). A model fine-tuned on them mostly answers with estimates; the verifiable
+reward accepts only the exact answer, which is what RL then has to teach. Eval and RL problems are disjoint from each
 other and from every problem in the SFT and pretraining data (same numbers in another format
 would leak the answer). "answer" is the bare integer; responses may start with a space.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 from engine.tokenizer import load_tokenizer, train_sentencepiece
 
 N_SFT, N_EVAL, N_PROMPTS, N_PRETRAIN = 12000, 200, 1000, 2000
+ROUNDED_SFT = 0.5
 VOCAB_SIZE = 512
 
 Problem = tuple[int, str, int]  # (a, "+" or "-", b)
@@ -45,10 +49,11 @@ def solve(p: Problem) -> int:
     return a + b if op == "+" else a - b
 
 
-def fill(fmt: str, p: Problem) -> str:
+def fill(fmt: str, p: Problem, rounded: bool = False) -> str:
     a, op, b = p
     word, noun = WORDS[op]
-    return fmt.format(a=a, op=op, b=b, c=solve(p), word=word, noun=noun)
+    c = solve(p)
+    return fmt.format(a=a, op=op, b=b, c=(c + 5) // 10 * 10 if rounded else c, word=word, noun=noun)
 
 
 def all_problems() -> list[Problem]:
@@ -66,11 +71,12 @@ def make(seed: int) -> dict[str, list[dict]]:
     held_rl = problems[N_EVAL:N_EVAL + N_PROMPTS]
     pool = problems[N_EVAL + N_PROMPTS:]  # everything the model may see with its answer
 
-    def qa(p: Problem) -> dict:
+    def qa(p: Problem, rounded: bool = False) -> dict:
         prompt_fmt, response_fmt = rng.choice(PROMPT_FORMATS)
-        return {"prompt": fill(prompt_fmt, p), "response": fill(response_fmt, p)}
+        return {"prompt": fill(prompt_fmt, p), "response": fill(response_fmt, p, rounded)}
 
-    sft = [qa(p) for p in pool[:N_SFT]]
+    sloppy = random.Random(seed + 2)  # its own stream: every other record stays as it was
+    sft = [qa(p, sloppy.random() < ROUNDED_SFT) for p in pool[:N_SFT]]
     evals = [{**qa(p), "answer": str(solve(p))} for p in held_eval]
     prompts = [{"prompt": qa(p)["prompt"], "answer": str(solve(p))} for p in held_rl]
     pretrain = []

@@ -1,0 +1,130 @@
+"""`trident bench ppo`: seconds per PPO step, split into generation, weight sync, scoring and training.
+
+Policy, critic and reward model are Llamas of one size with random weights (vocab 4096); prompts are
+random token ids; every response is exactly `response` tokens long (EOS ignored) so runs compare.
+One PPO epoch, one minibatch, as in the reference settings of the PPO issue. The weight-sync overhead
+is our whole sync (TP gather, serialisation, RPC, reload) against vLLM's own `reload_weights` of the
+same tensors timed inside its worker.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.checkpoint import RandomSource
+from engine.config import ModelConfig
+
+VOCAB = 4096
+
+
+@dataclass
+class PPOSize:
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    prompts: int
+    response: int
+    prompt_len: int = 64
+
+    def model_config(self, value_head: bool = False) -> ModelConfig:
+        return ModelConfig(arch="llama", vocab_size=VOCAB, hidden_size=self.hidden, intermediate_size=self.ffn,
+                           num_layers=self.layers, num_heads=self.heads, value_head=value_head,
+                           max_position_embeddings=self.prompt_len + self.response)
+
+
+SIZES = {"tiny": PPOSize(256, 4, 4, 688, prompts=16, response=32),
+         "L": PPOSize(512, 8, 8, 1376, prompts=64, response=128)}
+
+# TRL 1.12.0 PPOTrainer (trl.experimental.ppo), same settings, idle machine (from the PPO issue)
+TRL_SECONDS = {"tiny": {"step_s": 0.94},
+               "L": {"step_s": 37.5, "gen_s": 6.8, "ref_s": 2.9, "reward_value_s": 5.3, "train_s": 22.0}}
+
+
+def _config(size: PPOSize, backend: str, dtype: str, old_logprobs: str):
+    from engine.ppo import PPOConfig
+    cfg = PPOConfig(dtype=dtype, seed=0)
+    cfg.rollout.backend = backend
+    cfg.rollout.prompts_per_step = size.prompts
+    cfg.rollout.max_new_tokens = size.response
+    cfg.rollout.ignore_eos = True
+    cfg.algo.epochs = cfg.algo.minibatches = 1
+    cfg.algo.micro_batch_size = size.prompts
+    cfg.algo.old_logprobs = old_logprobs
+    cfg.reward.rules = {}
+    return cfg
+
+
+def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 3, warmup: int = 1,
+        old_logprobs: str = "recompute", size_name: str = "custom", log=print) -> dict:
+    from engine.ppo import PPOTrainer
+    from parallel.state import init_parallel
+
+    state = init_parallel(1, 1)
+    cfg = _config(size, backend, dtype, old_logprobs)
+    t0 = time.perf_counter()
+    trainer = PPOTrainer(cfg, state, RandomSource(size.model_config(), seed=1),
+                         critic_source=RandomSource(size.model_config(value_head=True), seed=2),
+                         rm_source=RandomSource(size.model_config(value_head=True), seed=3))
+    setup_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1] + torch.randint(4, VOCAB, (size.prompt_len - 1,), generator=g).tolist()
+               for _ in range(size.prompts)]
+
+    def no_rules(responses):
+        return torch.zeros(len(responses)), torch.ones(len(responses), dtype=torch.bool)
+
+    lines = []
+    for i in range(warmup + steps):
+        line = trainer.step(i + 1, prompts, no_rules)
+        line["sync_s"] = trainer.sync()  # the next step's sync, timed here so every timed step has one
+        line["step_s"] += line["sync_s"]
+        if i >= warmup:
+            lines.append(line)
+        log(f"step {i + 1}{' (warmup)' if i < warmup else ''}: " + "  ".join(
+            f"{k} {line[k]:.2f}" for k in ("step_s", "gen_s", "sync_s", "score_s", "train_s")))
+    res = {"size": size_name, "dims": vars(size), "backend": trainer.rollout.name, "dtype": dtype,
+           "old_logprobs": old_logprobs, "setup_s": round(setup_s, 2), "steps": steps,
+           **{k: round(statistics.median(x[k] for x in lines), 4)
+              for k in ("step_s", "gen_s", "sync_s", "score_s", "train_s", "gen_tokens_per_s")}}
+    if trainer.rollout.name == "vllm":
+        res.update(_sync_overhead(trainer, res["sync_s"]))
+    if size_name in TRL_SECONDS:
+        res["trl_step_s"] = TRL_SECONDS[size_name]["step_s"]
+        res["speedup_vs_trl"] = round(res["trl_step_s"] / res["step_s"], 2)
+    trainer.close()
+    return res
+
+
+def _sync_overhead(trainer, sync_s: float) -> dict:
+    """vLLM's own reload_weights of the same tensors (already deserialised inside the worker)."""
+    from safetensors.torch import save
+
+    from engine.weights import iter_full_tensors
+    raw = []
+    for _ in range(3):
+        total = 0.0
+        for bucket in iter_full_tensors(trainer.actor, trainer.rollout.bucket_bytes):
+            total += max(trainer.rollout.llm.collective_rpc("trident_reload_seconds", args=(save(bucket),)))
+        raw.append(total)
+    raw_s = statistics.median(raw)
+    return {"reload_weights_s": round(raw_s, 4), "sync_overhead": round(sync_s / raw_s, 3),
+            "sync_bytes": trainer.rollout.last_sync_bytes}
+
+
+def format_result(res: dict) -> list[str]:
+    lines = [f"bench ppo {res['size']} {res['dims']}  backend {res['backend']}  dtype {res['dtype']}  "
+             f"old log-probs {res['old_logprobs']}  (median of {res['steps']} steps)",
+             f"step {res['step_s']:.3f} s = generation {res['gen_s']:.3f} + sync {res['sync_s']:.3f} + "
+             f"ref/reward/value scoring {res['score_s']:.3f} + training {res['train_s']:.3f}   "
+             f"({res['gen_tokens_per_s']:.0f} generated tokens/s)"]
+    if "sync_overhead" in res:
+        lines.append(f"weight sync {res['sync_s']:.4f} s vs vLLM reload_weights of the same tensors "
+                     f"{res['reload_weights_s']:.4f} s: {res['sync_overhead']:.2f}x  ({res['sync_bytes'] / 1e6:.1f} MB)")
+    if "speedup_vs_trl" in res:
+        lines.append(f"TRL 1.12 PPOTrainer, same settings: {res['trl_step_s']:.2f} s/step -> "
+                     f"{res['speedup_vs_trl']:.2f}x faster")
+    return lines
