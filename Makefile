@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast clean
+.PHONY: demo demo-rm test test-fast clean
 
 $(STAMP): requirements.txt requirements-vllm.txt setup.py
 	python3 -m venv $(VENV)
@@ -16,10 +16,17 @@ $(STAMP): requirements.txt requirements-vllm.txt setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# SFT a tiny Llama on the arithmetic task, then PPO it with the verifiable reward (vLLM rollouts);
+# the exported HF actor is graded again by transformers' own generate
 demo: $(STAMP)
 	$(VENV)/bin/trident train --config tools/configs/demo_sft.yaml
-	$(VENV)/bin/trident convert native-to-hf --ckpt runs/demo_sft/checkpoint --out runs/demo_sft/hf --force
-	$(PY) -m tools.sample --hf runs/demo_sft/hf --eval data/arith_eval.jsonl --limit 200
+	$(VENV)/bin/trident ppo --config tools/configs/demo_ppo.yaml
+	$(PY) -m tools.sample --hf runs/demo_ppo/hf --eval data/arith_eval.jsonl --limit 200
+
+# second demo: a Bradley-Terry reward model, then PPO against it (needs runs/demo_sft from `make demo`)
+demo-rm: $(STAMP)
+	$(VENV)/bin/trident rm --config tools/configs/demo_rm.yaml
+	$(VENV)/bin/trident ppo --config tools/configs/demo_ppo_rm.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

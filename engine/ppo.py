@@ -100,7 +100,10 @@ class AlgoConfig:
 @dataclass
 class EvalConfig:
     path: str | None = "data/arith_eval.jsonl"
-    """Held-out prompts; greedy responses scored by the reward rules (accuracy = mean of rule == 1)."""
+    """Held-out prompts, answered greedily."""
+    rules: dict = field(default_factory=lambda: {"arith": 1.0})
+    """Rules that grade them: eval_accuracy = share of responses every rule scores >= 1 (with a reward
+    model, eval_reward = its mean score too). Empty: no accuracy."""
     every: int = 5
     """Evaluate every N steps (and before the first and after the last)."""
     limit: int = 200
@@ -270,14 +273,20 @@ class PPOTrainer:
                 "sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s,
                 "step_s": sync_s + gen_s + score_s + train_s, "skipped_samples": int((~valid).sum())}
 
-    def evaluate(self, tokenizer, records, ids) -> float:
-        """Greedy accuracy on held-out prompts (share of samples every rule scores >= 1)."""
+    def evaluate(self, step: int, tokenizer, records, ids) -> dict:
+        """Greedy answers to held-out prompts: accuracy under the eval rules, mean reward-model score."""
         self.sync()
         params = SamplingParams(temperature=0, max_new_tokens=self.cfg.rollout.max_new_tokens)
         out = self.rollout.generate(ids, params)
-        texts = [tokenizer.decode(r) for r in out.responses]
-        scores, valid = rule_scores(self.cfg.reward.rules, [r["prompt"] for r in records], texts, records)
-        return float(((scores >= 1.0) & valid).float().mean())
+        line = {"step": step}
+        if self.cfg.eval.rules:
+            texts = [tokenizer.decode(r) for r in out.responses]
+            scores, valid = rule_scores(self.cfg.eval.rules, [r["prompt"] for r in records], texts, records)
+            line["eval_accuracy"] = float(((scores >= 1.0) & valid).float().mean())
+        if self.rm is not None:
+            exp = build_experience(ids, out.responses, torch.ones(len(ids), dtype=torch.bool), self.pad_id)
+            line["eval_reward"] = float(reward_model_scores(self.rm, exp.input_ids, exp.last_index).mean())
+        return line
 
     def close(self) -> None:
         self.rollout.close()
@@ -323,7 +332,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     main_rank = state.rank == 0
     run = RunLog(cfg.out_dir, cfg, main_rank)
     if eval_ids:
-        run.log({"step": 0, "eval_accuracy": trainer.evaluate(tokenizer, eval_records, eval_ids)})
+        run.log(trainer.evaluate(0, tokenizer, eval_records, eval_ids))
     rng = torch.Generator().manual_seed(cfg.seed)
     group = cfg.rollout.samples_per_prompt
     bar = tqdm(range(1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}]", disable=not main_rank,
@@ -342,7 +351,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         run.log(line)
         bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{line['kl']:.3f}")
         if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
-            run.log({"step": step, "eval_accuracy": trainer.evaluate(tokenizer, eval_records, eval_ids)})
+            run.log(trainer.evaluate(step, tokenizer, eval_records, eval_ids))
     trainer.close()
     run.close()
     save_checkpoint(trainer.actor, state, out / "actor", cfg.tokenizer)
@@ -411,7 +420,14 @@ def main(argv: list[str]) -> int:
     cfg = parse_run_args(PPOConfig, argv, "trident ppo", "PPO for RLHF.")
     history = ppo(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        evals = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
-        print(json.dumps({"steps": cfg.steps, "eval_accuracy_first": evals[0] if evals else None,
-                          "eval_accuracy_last": evals[-1] if evals else None, "out_dir": cfg.out_dir}))
+        summary = {"steps": cfg.steps}
+        for key in ("eval_accuracy", "eval_reward"):
+            evals = [h[key] for h in history if key in h]
+            if evals:
+                summary.update({f"{key}_first": evals[0], f"{key}_last": evals[-1]})
+        steps = [h for h in history if "step_s" in h]
+        if steps:
+            summary.update({k: round(sum(h[k] for h in steps) / len(steps), 4)
+                            for k in ("step_s", "gen_s", "sync_s", "score_s", "train_s")})
+        print(json.dumps({**summary, "out_dir": cfg.out_dir}))
     return 0

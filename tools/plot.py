@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 PANELS = [("reward_mean", "reward"), ("kl", "KL to reference"), ("eval_accuracy", "held-out accuracy"),
+          ("eval_reward", "held-out reward-model score"),
           ("loss", "loss"), ("value_loss", "value loss"), ("entropy", "entropy")]
 
 
