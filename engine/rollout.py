@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import save, save_file
+import torch
+from safetensors.torch import save_file
 
 from engine.sampler import SamplingParams, generate
 from engine.weights import iter_full_tensors
@@ -67,6 +68,7 @@ class VLLMRollout:
         self.llm = None
         self.last_sync_bytes = 0
         self._dir = tempfile.mkdtemp(prefix="trident-vllm-") if self.is_driver else None
+        self._shm = SharedBuckets() if self.is_driver else None
         # vLLM starts from a directory: write the current actor there once (later syncs go in place)
         tensors = {}
         for bucket in iter_full_tensors(model, self.bucket_bytes):
@@ -92,10 +94,10 @@ class VLLMRollout:
         """Replace vLLM's weights with the model's, in place; returns seconds spent."""
         t0 = time.perf_counter()
         self.last_sync_bytes = 0
-        for bucket in iter_full_tensors(model, self.bucket_bytes):
-            payload = save(bucket)
-            self.last_sync_bytes += len(payload)
-            self.llm.collective_rpc("trident_load_weights", args=(payload,))
+        for i, bucket in enumerate(iter_full_tensors(model, self.bucket_bytes)):
+            path, layout = self._shm.put(i, bucket)
+            self.last_sync_bytes += sum(n for *_, n in layout)
+            self.llm.collective_rpc("trident_load_shared", args=(path, layout))
         comm.barrier()
         return time.perf_counter() - t0
 
@@ -123,6 +125,38 @@ class VLLMRollout:
         if self.llm is not None:
             del self.llm
             self.llm = None
+        if self._shm is not None:
+            self._shm.close()
+
+
+class SharedBuckets:
+    """Weight buckets in shared-memory files that the vLLM workers map once: a sync is one copy of each
+    tensor into its slot plus a small RPC naming the file and the slots (no serialisation, no pipe)."""
+
+    ALIGN = 64
+
+    def __init__(self):
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.dir = tempfile.mkdtemp(prefix="trident-weights-", dir=root)
+        self.files: dict[int, tuple[str, list, torch.Tensor]] = {}
+
+    def put(self, index: int, tensors: dict[str, torch.Tensor]) -> tuple[str, list]:
+        layout, offset = [], 0
+        for name, t in tensors.items():
+            layout.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, t.numel() * t.element_size()))
+            offset += -(-layout[-1][-1] // self.ALIGN) * self.ALIGN
+        path, old_layout, buf = self.files.get(index, (None, None, None))
+        if old_layout != layout:  # first sync, or a bucket of other tensors: a new file
+            path = os.path.join(self.dir, f"bucket{index}-{len(self.files)}.bin")
+            buf = torch.from_file(path, shared=True, size=max(offset, 1), dtype=torch.uint8)
+            self.files[index] = (path, layout, buf)
+        for (name, _, _, start, nbytes), t in zip(layout, tensors.values()):
+            buf[start:start + nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+        return path, layout
+
+    def close(self) -> None:
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _renice_children(niceness: int = 19) -> None:

@@ -88,6 +88,21 @@ def validate_sizes(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
+def tune_malloc() -> bool:
+    """glibc: serve big blocks from the heap and never trim it, so the activations freed by one step are
+    reused by the next instead of being unmapped and page-faulted (and zeroed) in again. CPU training
+    only (a GPU host's big one-off host buffers should go back to the OS). False where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 300) -> ParallelState:
     """Create the grid for this process; joins torch.distributed when launched by torchrun.
 
@@ -103,6 +118,8 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_
     if device.type == "cpu" and local_ranks:
         # ranks sharing a CPU node split its cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    if device.type == "cpu":
+        tune_malloc()
     if world_size == 1 and not dist.is_initialized():
         return ParallelState(device=device)
     if not dist.is_initialized():

@@ -24,7 +24,7 @@ from engine.checkpoint import RandomSource, load_into
 from engine.config import ModelConfig
 from engine.model import Transformer
 from parallel.layers import vocab_parallel_cross_entropy
-from parallel.state import ParallelState
+from parallel.state import ParallelState, tune_malloc
 
 IGNORE = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -148,21 +148,6 @@ def use_attention_kernel() -> None:
     proxy.__dict__.update(torch.nn.functional.__dict__)
     proxy.scaled_dot_product_attention = kernels.attention.scaled_dot_product_attention
     engine.model.F = proxy
-
-
-def tune_malloc() -> bool:
-    """glibc: serve big blocks from the heap and never trim it, so the activations freed by one step are
-    reused by the next instead of being unmapped and page-faulted (and zeroed) in again. Process-wide:
-    helps the engine and transformers alike. Returns False where unavailable."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 class EngineRunner:
