@@ -106,6 +106,28 @@ def all_reduce_object_max(value: float, group) -> float:
     return all_reduce(t, group, "max").item()
 
 
+def all_reduce_async(t: torch.Tensor, group):
+    """Start an in-place sum all-reduce; returns a handle to `.wait()` on (None when nothing to do)."""
+    if world(group) == 1:
+        return None
+    return dist.all_reduce(t, group=group, async_op=True)
+
+
+# ---- point to point (pipeline stages; peers are global ranks) ---------------------------------------
+
+def p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]]) -> list:
+    """Post (tensor, peer, tag) sends and receives as one batched isend/irecv; returns the send
+    handles (wait or poll them before reusing the tensors). Receives are complete on return."""
+    ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
+    if not ops:
+        return []
+    works = dist.batch_isend_irecv(ops)
+    for w in works[len(sends):]:
+        w.wait()
+    return works[: len(sends)]
+
+
 # ---- autograd region ops ---------------------------------------------------------------------------
 
 class _Copy(torch.autograd.Function):

@@ -69,6 +69,8 @@ def _ppo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="model dtype (default bf16)")
     p.add_argument("--old-logprobs", default="recompute", choices=["recompute", "rollout"],
                    help="old log-probs re-scored by the actor (default) or taken from the generator")
+    p.add_argument("--vllm-compile", action="store_true",
+                   help="let vLLM compile its model (slower start, faster decoding) instead of eager mode")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     return p
@@ -86,7 +88,8 @@ def ppo(args) -> int:
     if backend == "auto":
         from engine.rollout import vllm_available
         backend = "vllm" if vllm_available() else "native"
-    res = run(size, backend, args.dtype, args.steps, args.warmup, args.old_logprobs, args.size)
+    res = run(size, backend, args.dtype, args.steps, args.warmup, args.old_logprobs, args.size,
+              vllm_eager=not args.vllm_compile)
     for line in format_result(res):
         print(line)
     print(json.dumps(res), flush=True)
