@@ -90,6 +90,10 @@ def shard_layout(cfg: ModelConfig, tp: int, tp_rank: int, layers: range,
             add("score.weight", (1, H), None, 0, 1, "value_head.weight", owner=tp_rank == 0)
         elif not cfg.tie_word_embeddings:
             vocab_matrix("lm_head.weight", "head.weight")
+        elif not first_stage:  # the last stage's copy of a tied embedding: loaded, never written
+            per_rank, start, real = vocab_slice(cfg, tp, tp_rank)
+            add("model.embed_tokens.weight", (cfg.vocab_size, H), 0, start, real, "head.weight", (0, real),
+                owner=False)
     return specs
 
 

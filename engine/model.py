@@ -116,6 +116,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, state, self.sp, dtype) for i in self.layer_ids})
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
+        # tied embeddings split across stages: the last stage keeps its own copy of the embedding;
+        # the two copies' gradients are summed over the embedding group so they stay equal
+        self.tied_copy = cfg.tie_word_embeddings and self.last and not self.first and not cfg.value_head
         if self.last:
             self.norm = _norm(cfg, state, self.sp, dtype)
             if cfg.value_head:
@@ -124,8 +127,17 @@ class Transformer(nn.Module):
             else:
                 self.head = ColumnParallelLinear(cfg.hidden_size, 0, group, sequence_parallel=self.sp,
                                                  local_out_features=vocab_slice(cfg, state.tp, 0)[0], dtype=dtype,
-                                                 skip_weight_param_allocation=cfg.tie_word_embeddings)
+                                                 skip_weight_param_allocation=cfg.tie_word_embeddings and self.first)
+                if self.tied_copy:
+                    mark_replica(self.head.weight, state.embed_group, grads_partial=True)
+        if cfg.tie_word_embeddings and self.first and not self.last and not cfg.value_head:
+            mark_replica(self.embed.weight, state.embed_group, grads_partial=True)
         _, self.vocab_start, self.vocab_real = vocab_slice(cfg, state.tp, state.tp_rank)
+        self._input_tensor = None
+
+    def set_input_tensor(self, hidden: torch.Tensor) -> None:
+        """The activation from the previous pipeline stage (the schedule sets it before each forward)."""
+        self._input_tensor = hidden
 
     @property
     def dtype(self) -> torch.dtype:
@@ -146,6 +158,8 @@ class Transformer(nn.Module):
         """
         if self.first:
             hidden = self.embed(input_ids)
+        elif hidden is None:
+            hidden = self._input_tensor
         b = hidden.shape[0]
         s = hidden.shape[1] * (self.state.tp if self.sp else 1)
         if position_ids is None:
@@ -167,6 +181,6 @@ class Transformer(nn.Module):
             if self.sp:
                 hidden = comm.gather_from_sequence_parallel_region(hidden, self.state.tp_group, False)
             return self.value_head(hidden).squeeze(-1)
-        weight = self.embed.weight if self.cfg.tie_word_embeddings else self.head.weight
+        weight = self.embed.weight if self.cfg.tie_word_embeddings and self.first else self.head.weight
         # Padded vocab rows never reach the logits, so losses need no masking.
         return self.head(hidden, weight[: self.vocab_real])

@@ -24,10 +24,12 @@ from engine.model import Transformer
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
 from parallel import comm
+from parallel.ddp import DistributedDataParallel
 from parallel.grads import clip_grads, finalize_tp_grads
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.optimizer import MasterWeightAdamW, param_groups
-from parallel.pipeline import forward_backward_no_pipelining
+from parallel.pipeline import (PipelineJob, build_order, forward_backward_no_pipelining, partition_layers,
+                               run_pipeline)
 from parallel.state import ParallelState, init_parallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,6 +41,12 @@ class ParallelConfig:
     """Tensor-parallel size (must divide the number of heads)."""
     pp: int = 1
     """Pipeline-parallel size."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (> 1: interleaved 1F1B; micro-batches must divide by pp)."""
+    layer_split: list | None = None
+    """Decoder layers per (virtual) stage, e.g. [1, 3, 2, 2]; None: an even split."""
+    schedule: str = "1f1b"
+    """Pipeline schedule when pp > 1: 1f1b, or interleaved (set with virtual_stages > 1)."""
     sequence_parallel: bool = False
     """Split the residual stream along the sequence across TP ranks (saves activation memory)."""
     recompute: bool = False
@@ -119,13 +127,74 @@ def resolve_model(cfg: TrainConfig):
     return source, model_cfg
 
 
+def stage_layers(num_layers: int, par: ParallelConfig) -> list[range]:
+    """Layer range of every virtual stage (chunk c of pipeline rank r is stage c * pp + r)."""
+    return partition_layers(num_layers, par.pp * par.virtual_stages, par.layer_split)
+
+
+def build_chunks(source, model_cfg: ModelConfig, par: ParallelConfig, state: ParallelState, dtype: str,
+                 seed: int = 0) -> list[Transformer]:
+    """This rank's model chunks (one without interleaving), loaded from `source` or random weights
+    (identical at any TP x PP layout)."""
+    stages = stage_layers(model_cfg.num_layers, par)
+    chunks = []
+    for c in range(par.virtual_stages):
+        chunk = Transformer(model_cfg, state, sequence_parallel=par.sequence_parallel, recompute=par.recompute,
+                            dtype=DTYPES[dtype], layers=stages[c * state.pp + state.pp_rank])
+        ckpt.load_into(chunk, source or ckpt.RandomSource(model_cfg, seed))
+        chunks.append(chunk)
+    return chunks
+
+
 def build_model(cfg: TrainConfig, state: ParallelState) -> Transformer:
-    """The model for this rank, initialised from `cfg.init` or randomly (same weights at any TP)."""
+    """The whole model on this rank (no pipeline split), from `cfg.init` or random weights."""
     source, model_cfg = resolve_model(cfg)
-    model = Transformer(model_cfg, state, sequence_parallel=cfg.parallel.sequence_parallel,
-                        recompute=cfg.parallel.recompute, dtype=DTYPES[cfg.dtype])
-    ckpt.load_into(model, source or ckpt.RandomSource(model_cfg, cfg.seed))
-    return model
+    return build_chunks(source, model_cfg, ParallelConfig(tp=cfg.parallel.tp, sequence_parallel=cfg.parallel.sequence_parallel,
+                                                          recompute=cfg.parallel.recompute), state, cfg.dtype, cfg.seed)[0]
+
+
+def check_parallel(par: ParallelConfig, model_cfg: ModelConfig, micro_batches: int) -> None:
+    if par.schedule not in ("1f1b", "interleaved"):
+        raise ConfigError(f"parallel.schedule must be 1f1b or interleaved, not {par.schedule!r}")
+    if par.virtual_stages < 1 or (par.virtual_stages > 1) != (par.schedule == "interleaved"):
+        raise ConfigError("parallel.virtual_stages > 1 goes with parallel.schedule=interleaved (and only then)")
+    if par.virtual_stages > 1 and micro_batches % par.pp:
+        raise ConfigError(f"interleaved pipelining needs grad_accum ({micro_batches}) divisible by pp ({par.pp})")
+    stage_layers(model_cfg.num_layers, par)
+
+
+def forward_backward(forward_step, chunks: list, micro_batches: list, state: ParallelState, par: ParallelConfig,
+                     shape_fn, ddp: DistributedDataParallel | None = None, forward_only: bool = False) -> list:
+    """One step's forward (+ backward) over the micro-batches with the configured schedule; returns
+    the loss_fn stats of every micro-batch on every rank. With DDP, gradients are summed over DP."""
+    if state.pp == 1 and len(chunks) == 1:
+        stats = []
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with ddp.no_sync() if ddp is not None and not last else _nullcontext():
+                stats += forward_backward_no_pipelining(forward_step, chunks[0], [mb], forward_only)
+    else:
+        with ddp.no_sync() if ddp is not None else _nullcontext():
+            order = build_order(par.schedule, len(micro_batches), state.pp, state.pp_rank, len(chunks),
+                                forward_only=forward_only)
+            stats = run_pipeline(order, [PipelineJob(chunks, forward_step, micro_batches)], state, shape_fn,
+                                 chunks[0].dtype, forward_only)[0]
+    if ddp is not None and not forward_only:
+        ddp.finish_grad_sync()
+    return stats
+
+
+def _nullcontext():
+    from contextlib import nullcontext
+    return nullcontext()
+
+
+def activation_shape(model_cfg: ModelConfig, state: ParallelState, sequence_parallel: bool):
+    """Shape of the hidden state passed between pipeline stages for a micro-batch."""
+    def shape(mb):
+        b, s = mb["input_ids"].shape
+        return (b, s // state.tp if sequence_parallel and state.tp > 1 else s, model_cfg.hidden_size)
+    return shape
 
 
 def lm_forward_step(model: Transformer, mb: dict):
@@ -143,7 +212,9 @@ def lm_forward_step(model: Transformer, mb: dict):
     return logits, loss_fn
 
 
-def save_checkpoint(model: Transformer, state: ParallelState, out: Path, tokenizer_path: str | None = None) -> None:
+def save_checkpoint(model, state: ParallelState, out: Path, tokenizer_path: str | None = None) -> None:
+    """A native checkpoint from every rank's chunks (a model or a list of pipeline chunks)."""
+    chunks = model if isinstance(model, list) else [model]
     staging = ckpt.staging_dir(out)
     if state.rank == 0:
         import shutil
@@ -151,12 +222,16 @@ def save_checkpoint(model: Transformer, state: ParallelState, out: Path, tokeniz
         staging.mkdir(parents=True)
     comm.barrier()
     if state.dp_rank == 0:
-        ckpt.save_rank_shard(model, staging, state.tp_rank, state.pp_rank)
+        for c, chunk in enumerate(chunks):
+            ckpt.save_rank_shard(chunk, staging, state.tp_rank, c * state.pp + state.pp_rank)
+    # every virtual stage's layer range, in stage order (chunk c of pipeline rank r is stage c*pp + r)
+    per_rank = comm.all_gather_object([(c.layer_ids.start, c.layer_ids.stop) for c in chunks], state.pp_group)
+    stages = [range(*per_rank[r][c]) for c in range(len(chunks)) for r in range(state.pp)]
     comm.barrier()
     if state.rank == 0:
-        dtype = ckpt._dtype_name(model.dtype)
-        stages = [model.layer_ids]  # pp == 1 here; the 3D work passes every stage's range
-        ckpt.write_index(staging, model.cfg, state.tp, stages, lambda _: dtype)
+        cfg = chunks[0].cfg
+        dtype = ckpt._dtype_name(chunks[0].dtype)
+        ckpt.write_index(staging, cfg, state.tp, stages, lambda _: dtype)
         tok = Path(tokenizer_path) if tokenizer_path else None
         if tok and tok.is_file():
             import shutil
@@ -168,37 +243,42 @@ def save_checkpoint(model: Transformer, state: ParallelState, out: Path, tokeniz
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run training; returns the metrics lines (also written to out_dir/metrics.jsonl on rank 0)."""
-    resolve_model(cfg)
+    source, model_cfg = resolve_model(cfg)
+    check_parallel(cfg.parallel, model_cfg, cfg.grad_accum)
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    if state.pp > 1:
-        raise ConfigError("pipeline parallelism (pp > 1) is not available in train yet")
     # Everything that can fail on bad input happens before the run directory exists.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_vocab(tokenizer, model_cfg.vocab_size)
     records = read_jsonl(cfg.data.path)
     docs = tokenize_documents(records, tokenizer, cfg.data.mode, cfg.data.seq_len)
     data = pack_documents(docs, cfg.data.seq_len, tokenizer.pad_id)
-    model = build_model(cfg, state)
-    check_vocab(tokenizer, model.cfg.vocab_size)
     steps_iter = batches(data, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, state.dp_rank, state.dp)
-    optimizer = MasterWeightAdamW(param_groups(model.named_parameters(), cfg.optim.weight_decay),
+    chunks = build_chunks(source, model_cfg, cfg.parallel, state, cfg.dtype, cfg.seed)
+    named = [(n, p) for c in chunks for n, p in c.named_parameters()]
+    params = [p for _, p in named if p.requires_grad]
+    ddp = DistributedDataParallel(params, state.dp_group) if state.dp > 1 else None
+    optimizer = MasterWeightAdamW(param_groups(named, cfg.optim.weight_decay),
                                   lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    shape_fn = activation_shape(model_cfg, state, cfg.parallel.sequence_parallel)
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
     run = RunLog(cfg.out_dir, cfg, main_rank)
-    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(range(cfg.steps), desc="train", disable=not main_rank, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         micro_batches = next(steps_iter)
         num_tokens = torch.tensor(float(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro_batches)))
         comm.all_reduce(num_tokens, state.dp_group)
-        model.train()
+        for c in chunks:
+            c.train()
         for mb in micro_batches:
             mb["num_tokens"] = max(1.0, num_tokens.item())
-        stats = forward_backward_no_pipelining(lm_forward_step, model, micro_batches)
-        loss_sum = sum(s["loss"] for s in stats)
+        stats = forward_backward(lm_forward_step, chunks, micro_batches, state, cfg.parallel, shape_fn, ddp)
+        # each DP rank's loss is its share of the global per-token mean
+        loss_sum = comm.all_reduce(torch.tensor(sum(s["loss"] for s in stats), dtype=torch.float64),
+                                   state.dp_group).item()
         finalize_tp_grads(params)
-        grad_norm = clip_grads(params, cfg.optim.clip_grad, [state.tp_group])
+        grad_norm = clip_grads(params, cfg.optim.clip_grad, [state.tp_group, state.pp_group])
         lr = lr_at(step, cfg.optim, cfg.steps)
         optimizer.set_lr(lr)
         optimizer.step()
@@ -211,7 +291,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
     run.close()
     if cfg.save:
-        save_checkpoint(model, state, out / "checkpoint", cfg.data.tokenizer)
+        save_checkpoint(chunks, state, out / "checkpoint", cfg.data.tokenizer)
     return run.history
 
 

@@ -70,6 +70,15 @@ def broadcast_object(obj, group, src_in_group: int = 0):
     return box[0]
 
 
+def all_gather_object(obj, group) -> list:
+    """Every rank's picklable object, in group-rank order."""
+    if world(group) == 1:
+        return [obj]
+    out = [None] * world(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def split(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's chunk of t along dim (no communication)."""
     n = world(group)

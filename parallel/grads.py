@@ -8,21 +8,28 @@ import torch
 from parallel import comm
 
 
+def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's gradient: the fp32 `main_grad` under data parallelism (parallel/ddp.py), else .grad."""
+    return p.main_grad if hasattr(p, "main_grad") else p.grad
+
+
 def finalize_tp_grads(params) -> None:
-    """All-reduce the gradients that are only partial on each TP rank (see layers.Replica)."""
+    """All-reduce the gradients that are only partial on each rank of a replica group (see
+    layers.Replica: SP norms, shared KV heads, a tied embedding split across pipeline stages)."""
     for p in params:
         rep = getattr(p, "replica", None)
-        if p.grad is not None and rep is not None and rep.grads_partial:
-            comm.all_reduce(p.grad[rep.row_start:], rep.group)
+        g = grad_of(p)
+        if g is not None and rep is not None and rep.grads_partial:
+            comm.all_reduce(g[rep.row_start:], rep.group)
 
 
 def local_grad_sq_sum(params) -> torch.Tensor:
     """Sum of squared gradient entries this rank is responsible for (replicas counted once)."""
     total = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if p.grad is None:
+        g = grad_of(p)
+        if g is None:
             continue
-        g = p.grad
         rep = getattr(p, "replica", None)
         if rep is not None and not rep.is_owner:
             g = g[:rep.row_start]
@@ -40,10 +47,10 @@ def global_grad_norm(params, groups) -> float:
 
 def clip_grads(params, max_norm: float, groups) -> float:
     """Scale gradients so the global norm is at most max_norm; returns the norm before clipping."""
-    params = [p for p in params if p.grad is not None]
+    params = [p for p in params if grad_of(p) is not None]
     norm = global_grad_norm(params, groups)
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for p in params:
-            p.grad.mul_(scale)
+            grad_of(p).mul_(scale)
     return norm

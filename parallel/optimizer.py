@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from parallel.grads import grad_of
+
 
 def param_groups(named_params, weight_decay: float) -> list[dict]:
     """No decay on norms, biases and other 1-D parameters (the usual Llama recipe)."""
@@ -46,7 +48,12 @@ class MasterWeightAdamW:
     def step(self) -> None:
         if self.low_precision:
             for m, p in zip(self.master_params, self.model_params):
-                m.grad = None if p.grad is None else p.grad.float()
+                g = grad_of(p)
+                m.grad = None if g is None else g.float()
+        else:
+            for p in self.model_params:
+                if hasattr(p, "main_grad"):
+                    p.grad = p.main_grad  # fp32 already: the buffer view itself
         self.inner.step()
         if self.low_precision:
             for m, p in zip(self.master_params, self.model_params):
@@ -55,6 +62,8 @@ class MasterWeightAdamW:
     def zero_grad(self) -> None:
         for p in self.model_params:
             p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad.zero_()
         if self.low_precision:
             for m in self.master_params:
                 m.grad = None

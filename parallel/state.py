@@ -31,6 +31,8 @@ class ParallelState:
     tp_ranks: list[int] = field(default_factory=lambda: [0])
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     dp_ranks: list[int] = field(default_factory=lambda: [0])
+    embed_group: object = None
+    """First and last pipeline stage of this (dp, tp) position: where tied embeddings live twice."""
     _subgroups: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -146,4 +148,8 @@ def build_state(rank: int, tp: int, pp: int, dp: int, device: torch.device) -> P
     state.tp_group, state.tp_ranks = make(tp_groups)
     state.pp_group, state.pp_ranks = make(pp_groups)
     state.dp_group, state.dp_ranks = make(dp_groups)
+    if pp > 1:
+        embed_groups = [[(d * pp) * tp + t, (d * pp + pp - 1) * tp + t] for d in range(dp) for t in range(tp)]
+        found = make(embed_groups)
+        state.embed_group = found[0] if found else None
     return state
