@@ -101,3 +101,13 @@ def test_3d_layouts_match_one_rank(tmp_path, world, dp, layout):
     for name in ref:
         # Adam turns reduction-order noise in near-zero gradients into ~1e-6 steps (lr 1e-3)
         torch.testing.assert_close(par[name], ref[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_checkpoint_saved_at_tp2_pp2_loads_at_tp1_pp4_and_tp4_pp1(tmp_path):
+    run = PAR_BASE + ["--parallel.tp=2", "--parallel.pp=2", "--grad_accum=2", "--steps=1", f"--out_dir={tmp_path}/run"]
+    run_ranks(4, train_workers.train_losses, [run])
+    ckpt = str(tmp_path / "run" / "checkpoint")
+    ref = train_workers.layout_logits(0, 1, ckpt, 1, 1)
+    for tp, pp in ((1, 4), (4, 1)):
+        for logits in run_ranks(4, train_workers.layout_logits, ckpt, tp, pp):
+            torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
