@@ -1,4 +1,4 @@
-"""`trident bench ...`: performance measurements. Subcommands: train, ppo.
+"""`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline.
 
     python -m tools.bench train --size M --dtype bf16 --compare hf [--compile]
     python -m tools.bench ppo --size L --dtype bf16
@@ -74,6 +74,41 @@ def _ppo_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     return p
+
+
+def _pipeline_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pipeline", help="bubble of each pipeline schedule vs theory; shared actor+critic vs one after the other",
+        description="Run the pipeline schedules on real gloo ranks with stages whose compute is a fixed sleep, "
+                    "and print each schedule's measured bubble next to its theory, and the shared actor+critic "
+                    "schedule's step time against the actor's and the critic's schedules run one after the other. "
+                    "The last output line is one JSON object with every number.",
+        epilog="example: trident bench pipeline --stages 4 --micro-batches 8")
+    p.add_argument("--stages", type=int, default=4, help="pipeline stages = processes (default 4)")
+    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step (default 8)")
+    p.add_argument("--forward-ms", type=float, default=200.0,
+                   help="forward time per stage and micro-batch (default 200; ~1-2 ms of gloo latency per "
+                        "action is the measurement's floor, so short stages overstate bubbles)")
+    p.add_argument("--backward-ms", type=float, default=400.0, help="backward time per stage and micro-batch")
+    p.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank for interleaved (default 2)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per schedule after one warmup (default 1)")
+    return p
+
+
+def pipeline(args) -> int:
+    from tools.bench_pipeline import format_result, run
+
+    if min(args.stages, args.micro_batches, args.virtual_stages, args.steps) < 1 or args.stages < 2:
+        raise ConfigError("--stages must be >= 2 and the other sizes >= 1")
+    if args.micro_batches % args.stages:
+        raise ConfigError("--micro-batches must be a multiple of --stages (interleaved schedule)")
+    if args.forward_ms <= 0 or args.backward_ms <= 0:
+        raise ConfigError("--forward-ms and --backward-ms must be > 0")
+    res = run(args.stages, args.micro_batches, args.forward_ms, args.backward_ms, args.virtual_stages, args.steps)
+    for line in format_result(res):
+        print(line)
+    print(json.dumps(res), flush=True)
+    return 0
 
 
 def ppo(args) -> int:
@@ -152,12 +187,15 @@ def main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _ppo_parser(sub)
+    _pipeline_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return train(args)
         if args.command == "ppo":
             return ppo(args)
+        if args.command == "pipeline":
+            return pipeline(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
