@@ -45,3 +45,23 @@ def test_pipeline_equals_serial(world, schedule, v, split, models):
             torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6)
         for r in ranks:  # every stage reports the last stage's losses
             assert r[k][1] == pytest.approx(ref[k][1], rel=1e-5)
+
+
+def test_simulated_schedules_hit_their_textbook_step_times():
+    from tools.bench_pipeline import simulate
+    from parallel.pipeline import build_order
+    p, m, v, f, b = 4, 8, 2, 1.0, 2.0
+    t = f + b
+    assert simulate([one_f_one_b(m, p, r) for r in range(p)], p, 1, f, b) == pytest.approx((m + p - 1) * t)
+    assert simulate([build_order("interleaved", m, p, r, v) for r in range(p)], p, v, f, b) == \
+        pytest.approx((m + (p - 1) / v) * t)
+    assert simulate([shared(m, p, r) for r in range(p)], p, 1, f, b) == pytest.approx((2 * m + p - 1) * t)
+
+
+def test_bench_pipeline_cli_reports_every_schedule(capsys):
+    import json
+    from tools.bench import main
+    assert main(["pipeline", "--stages", "2", "--micro-batches", "4", "--forward-ms", "5", "--backward-ms", "10"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["bubble"]) == {"1f1b", "interleaved", "shared"}
+    assert res["shared_units"] < res["sequential_units"]

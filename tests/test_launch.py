@@ -1,0 +1,68 @@
+"""Launching as users do: two torchrun "nodes" joined by a c10d rendezvous run one TP2 x PP2 x DP2
+training; a rank killed mid-step brings every other rank down with an error instead of a hang."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.config import load_config
+from engine.train import TrainConfig, train
+from parallel.launch import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ["--micro_batch_size=2", "--data.seq_len=32", "--model.hidden_size=64", "--model.intermediate_size=160",
+         "--model.num_layers=4", "--model.num_heads=4", "--model.num_kv_heads=2", "--optim.warmup_steps=1"]
+
+
+def _torchrun(nnodes: int, node_rank: int, port: int, args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+           "--nproc-per-node", "4", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--rdzv-id", f"trident-test-{port}", "-m", "engine.cli", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_two_node_torchrun_runs_tp2_pp2_dp2_like_one_rank(tmp_path):
+    args = MODEL + ["--steps=2", "--grad_accum=2", "--parallel.tp=2", "--parallel.pp=2"]
+    port = free_port()
+    nodes = [_torchrun(2, r, port, args + [f"--out_dir={tmp_path}/run"]) for r in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    for n, (_, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-3000:]
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ref = [m["loss"] for m in train(load_config(TrainConfig, None, MODEL + [
+        "--steps=2", "--grad_accum=4", f"--out_dir={tmp_path}/ref"]))]
+    assert losses == pytest.approx(ref, rel=1e-5)
+
+
+def test_a_dead_rank_stops_every_other_rank_with_an_error(tmp_path):
+    import psutil
+
+    args = MODEL + ["--steps=100000", "--grad_accum=2", "--parallel.tp=2", "--parallel.pp=2",
+                    f"--out_dir={tmp_path}/run", "--save=false"]
+    proc = _torchrun(1, 0, free_port(), args)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    assert metrics.is_file(), "training never started"
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "engine.cli" in " ".join(c.cmdline())]
+    victim = next(w for w in workers if w.environ().get("RANK") == "3")
+    victim.send_signal(signal.SIGKILL)
+    t0 = time.time()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 60
+    assert "Signal 9" in err or "SIGKILL" in err or "exitcode" in err, err[-2000:]
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
