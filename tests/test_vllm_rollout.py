@@ -43,3 +43,23 @@ def test_vllm_after_sync_matches_native_greedy_and_logprobs():
         assert worst < 1e-3
     finally:
         vllm.close()
+
+
+@pytest.mark.parametrize("tp_gen", [1, 2])
+def test_reshard_from_tp2_pp2_to_vllm_matches_native_greedy(tp_gen):
+    from tests import reshard_workers
+    from tests.distributed import run_ranks
+    cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 3, 8)]
+    ranks = run_ranks(4, reshard_workers.vllm_greedy_after_reshard, cfg, prompts, tp_gen, timeout=900)
+    model = Transformer(cfg, ParallelState())
+    load_into(model, RandomSource(cfg, seed=1))
+    native = NativeRollout(model, EOS, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    for r in ranks:
+        assert r["responses"] == native.responses
+    written = [r["bytes"] for r in ranks]
+    # every byte of the model written exactly once, each by the rank that holds it
+    print(json.dumps({"tp_gen": tp_gen, "bytes_per_rank": written, "model_bytes": ranks[0]["model_bytes"]}))
+    assert sum(written) == ranks[0]["model_bytes"]

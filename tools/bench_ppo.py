@@ -105,14 +105,9 @@ def _sync_overhead(trainer, sync_s: float) -> dict:
     """vLLM's own reload_weights of the same tensors (already deserialised inside the worker)."""
     from safetensors.torch import save
 
-    from engine.weights import iter_full_tensors
-    raw = []
-    for _ in range(3):
-        total = 0.0
-        for bucket in iter_full_tensors(trainer.actor, trainer.rollout.bucket_bytes):
-            total += max(trainer.rollout.llm.collective_rpc("trident_reload_seconds", args=(save(bucket),)))
-        raw.append(total)
-    raw_s = statistics.median(raw)
+    payload = save({k: v.clone() for k, v in trainer.rollout.target.tensors().items()})
+    raw_s = statistics.median(max(trainer.rollout.llm.collective_rpc("trident_reload_seconds", args=(payload,)))
+                              for _ in range(3))
     return {"reload_weights_s": round(raw_s, 4), "sync_overhead": round(sync_s / raw_s, 3),
             "sync_bytes": trainer.rollout.last_sync_bytes}
 

@@ -1,0 +1,105 @@
+"""Resharding from the training layout to a generation engine on the same host, with no gathers.
+
+The generation side (vLLM workers at any TP) loads *full* tensors under their checkpoint names and
+cuts its own shards from them. So the target is one shared-memory file holding every full tensor at a
+fixed offset, and each training rank writes exactly the slices it owns straight into it: a fused
+QKV row block lands in the q/k/v tensors' rows, a row-parallel weight's column block lands through a
+strided view. No rank gathers anything, no byte travels twice, and no rank ever holds more than its
+own shard: bytes written per rank are the minimum (its share of one DP replica).
+
+Pieces are (name, full shape, split dim or None, start, length, local tensor, owner) records; the
+caller (engine/weights.py) builds them from its layout table, so nothing here knows the model.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from parallel import comm
+
+ALIGN = 64
+
+
+@dataclass
+class Piece:
+    name: str
+    shape: tuple
+    dim: int | None
+    start: int
+    length: int
+    tensor: torch.Tensor
+    owner: bool = True
+
+
+def plan(metas: list[tuple[str, tuple, str]]) -> dict[str, tuple[str, list, int, int]]:
+    """{name: (dtype, shape, byte offset, nbytes)} for (name, shape, dtype) in order, 64-byte aligned."""
+    layout, offset = {}, 0
+    for name, shape, dtype in metas:
+        if name in layout:
+            continue
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        layout[name] = (dtype, list(shape), offset, nbytes)
+        offset += -(-nbytes // ALIGN) * ALIGN
+    return layout
+
+
+def view(buf: torch.Tensor, entry) -> torch.Tensor:
+    dtype, shape, offset, nbytes = entry
+    return buf[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
+
+
+class SharedTarget:
+    """One shared-memory file for a whole model, written in place by every owning rank.
+
+    Collective over `group` (every rank of the training job): the first rank creates the file and
+    the layout, every rank maps it. Call `write` on every rank, then the generation side reads.
+    """
+
+    def __init__(self, pieces: list[Piece], group, writer: bool = True):
+        metas = [(p.name, tuple(p.shape), str(p.tensor.dtype).removeprefix("torch.")) for p in pieces if p.owner]
+        everyone = comm.all_gather_object(metas, group)
+        ordered = sorted({m[0]: m for rank_metas in everyone for m in rank_metas}.values())
+        self.layout = plan(ordered)
+        self.size = max((o + n for _, _, o, n in self.layout.values()), default=1)
+        path = None
+        if comm.rank_in(group) == 0:
+            root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            fd, path = tempfile.mkstemp(prefix="trident-reshard-", suffix=".bin", dir=root)
+            os.close(fd)
+            torch.from_file(path, shared=True, size=self.size, dtype=torch.uint8)  # sizes the file
+        self.path = comm.broadcast_object(path, group)
+        self.buf = torch.from_file(self.path, shared=True, size=self.size, dtype=torch.uint8)
+        self.group, self.writer = group, writer
+        self.last_bytes = 0
+
+    def write(self, pieces: list[Piece]) -> int:
+        """Copy this rank's owned slices into place; returns the bytes this rank wrote."""
+        written = 0
+        if self.writer:
+            for p in pieces:
+                if not p.owner or p.length == 0:
+                    continue
+                full = view(self.buf, self.layout[p.name])
+                dst = full if p.dim is None else full.narrow(p.dim, p.start, p.length)
+                dst.copy_(p.tensor.reshape(dst.shape))
+                written += p.tensor.numel() * p.tensor.element_size()
+        comm.barrier(self.group)
+        self.last_bytes = written
+        return written
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Full tensors (views of the shared file) by name."""
+        return {name: view(self.buf, entry) for name, entry in self.layout.items()}
+
+    def model_bytes(self) -> int:
+        return sum(n for *_, n in self.layout.values())
+
+    def close(self) -> None:
+        if comm.rank_in(self.group) == 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
