@@ -71,21 +71,20 @@ def action_values(values: torch.Tensor, exp: Experience) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(exp: Experience, actor, ref, critic, temperature: float, micro_batch_size: int) -> None:
+def score(exp: Experience, forward, actor, ref, critic, temperature: float, micro_batch_size: int) -> None:
     """Fill ref_logp, old_logp (unless actor is None: already taken from the rollout) and old_values
-    (with a critic), micro-batch by micro-batch."""
-    olds, refs, vals = [], [], []
-    for idx in torch.arange(len(exp)).split(micro_batch_size):
-        part = exp.select(idx)
-        if actor is not None:
-            olds.append(action_log_probs(actor, actor(part.input_ids), part, temperature))
-        refs.append(action_log_probs(ref, ref(part.input_ids), part, temperature))
-        if critic is not None:
-            vals.append(action_values(critic(part.input_ids), part))
-    if olds:
-        exp.old_logp = torch.cat(olds)
-    exp.ref_logp = torch.cat(refs)
-    exp.old_values = torch.cat(vals) if vals else None
+    (with a critic). forward(model chunks, fn, micro-batches) runs fn(last chunk, output, mb) on each
+    micro-batch's output through the model's pipeline and returns the results."""
+    micro = [exp.select(i) for i in torch.arange(len(exp)).split(micro_batch_size)]
+
+    def logp(model, logits, mb):
+        return action_log_probs(model, logits, mb, temperature)
+
+    if actor is not None:
+        exp.old_logp = torch.cat(forward(actor, logp, micro))
+    exp.ref_logp = torch.cat(forward(ref, logp, micro))
+    exp.old_values = torch.cat(forward(critic, lambda m, values, mb: action_values(values, mb), micro)) \
+        if critic is not None else None
 
 
 def actor_forward_step(cfg, temperature: float, scale: float):

@@ -22,15 +22,15 @@ from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
 from engine.experience import actor_forward_step, build_experience, critic_forward_step, score
 from engine.model import Transformer
-from engine.reward import RewardConfig, reward_model_scores, rule_scores
+from engine.reward import RewardConfig, rule_scores
 from engine.rollout import make_rollout
 from engine.run_log import RunLog
 from engine.sampler import SamplingParams
 from engine.tokenizer import check_vocab, load_tokenizer
-from engine.train import DTYPES, ParallelConfig, save_checkpoint
+from engine.train import DTYPES, ParallelConfig, build_chunks, forward_backward, save_checkpoint
 from parallel.grads import clip_grads, finalize_tp_grads
 from parallel.optimizer import MasterWeightAdamW, param_groups
-from parallel.pipeline import forward_backward_no_pipelining
+from parallel.pipeline import PipelineJob, build_order, forward_backward_no_pipelining, run_pipeline
 from parallel.state import init_parallel
 
 
@@ -150,16 +150,17 @@ class _CriticSource:
         return self.inner.read(name, dim, start, length)
 
 
-def build(source, state, cfg: PPOConfig, value_head: bool = False, trainable: bool = True) -> Transformer:
+def build(source, state, cfg: PPOConfig, value_head: bool = False, trainable: bool = True) -> list[Transformer]:
+    """One model's pipeline chunks on this rank (a single chunk without pipelining)."""
     model_cfg = source.config
     if value_head and not model_cfg.value_head:
         model_cfg = type(model_cfg)(**{**vars(model_cfg), "value_head": True})
         source = _CriticSource(source)
-    model = Transformer(model_cfg, state, sequence_parallel=cfg.parallel.sequence_parallel,
-                        recompute=cfg.parallel.recompute, dtype=DTYPES[cfg.dtype])
-    ckpt.load_into(model, source)
-    model.requires_grad_(trainable)
-    return model if trainable else model.eval()
+    chunks = build_chunks(source, model_cfg, cfg.parallel, state, cfg.dtype)
+    for c in chunks:
+        c.requires_grad_(trainable)
+        c.train(trainable)
+    return chunks
 
 
 def load_prompts(path: str, tokenizer, max_prompt_len: int) -> tuple[list[dict], list[list[int]], int]:
@@ -178,10 +179,10 @@ def load_prompts(path: str, tokenizer, max_prompt_len: int) -> tuple[list[dict],
     return keep, ids, skipped
 
 
-def optimizer_step(model, optimizer, clip: float, state) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
+def optimizer_step(chunks, optimizer, clip: float, state) -> float:
+    params = [p for c in chunks for p in c.parameters() if p.requires_grad]
     finalize_tp_grads(params)
-    norm = clip_grads(params, clip, [state.tp_group])
+    norm = clip_grads(params, clip, [state.tp_group, state.pp_group])
     optimizer.step()
     optimizer.zero_grad()
     return norm
@@ -199,17 +200,21 @@ class PPOTrainer:
         self.ref = build(actor_source, state, cfg, trainable=False)
         self.critic = build(critic_source or actor_source, state, cfg, value_head=True) if self.use_critic else None
         self.rm = build(rm_source, state, cfg, trainable=False) if rm_source else None
-        self.actor_opt = MasterWeightAdamW(param_groups(self.actor.named_parameters(), 0.0), lr=cfg.actor_lr)
-        self.critic_opt = (MasterWeightAdamW(param_groups(self.critic.named_parameters(), 0.0), lr=cfg.critic_lr)
+        self.actor_opt = MasterWeightAdamW(param_groups(_named(self.actor), 0.0), lr=cfg.actor_lr)
+        self.critic_opt = (MasterWeightAdamW(param_groups(_named(self.critic), 0.0), lr=cfg.critic_lr)
                            if self.critic else None)
+        hidden, sp = actor_source.config.hidden_size, cfg.parallel.sequence_parallel and state.tp > 1
+        self.shape_fn = lambda exp: (len(exp), exp.input_ids.shape[1] // (state.tp if sp else 1), hidden)
         self.ptx_iter = ptx_iter
         algo = cfg.algo
         self.kl_ctl = (rl_math.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
                        if algo.kl_target else rl_math.FixedKLController(algo.kl_coef))
         self.moments = rl_math.RunningMoments()
-        self.rollout = make_rollout(cfg.rollout.backend, self.actor, eos_id, pad_id,
-                                    self.actor.cfg.max_position_embeddings, tp_gen=cfg.rollout.vllm_tp,
-                                    enforce_eager=cfg.rollout.vllm_eager)
+        if state.pp > 1 and cfg.rollout.backend == "native":
+            raise ConfigError("the native sampler runs without pipeline parallelism (pp = 1); use rollout.backend=vllm")
+        self.rollout = make_rollout(cfg.rollout.backend, self.actor if state.pp > 1 else self.actor[0], eos_id,
+                                    pad_id, actor_source.config.max_position_embeddings,
+                                    tp_gen=cfg.rollout.vllm_tp, enforce_eager=cfg.rollout.vllm_eager)
         self.synced = True  # the rollout engine starts from the initial actor
 
     def sync(self) -> float:
@@ -237,14 +242,14 @@ class PPOTrainer:
         valid &= torch.tensor([len(r) > 0 for r in gen.responses])
         exp = build_experience(prompts, gen.responses, valid, self.pad_id)
         if self.rm is not None:
-            scores = scores + cfg.reward.model_weight * reward_model_scores(self.rm, exp.input_ids, exp.last_index)
+            scores = scores + cfg.reward.model_weight * self.rm_scores(exp, algo.micro_batch_size)
         raw_scores = scores.clone()
         if algo.normalize_rewards:
             self.moments.update(scores[valid])
             scores = scores / (self.moments.var ** 0.5 + 1e-8)
         if algo.old_logprobs == "rollout":
             exp.old_logp = _pad_rows(gen.logprobs, exp.action_mask.shape[1])
-        score(exp, None if algo.old_logprobs == "rollout" else self.actor, self.ref, self.critic,
+        score(exp, self.forward, None if algo.old_logprobs == "rollout" else self.actor, self.ref, self.critic,
               cfg.rollout.temperature, algo.micro_batch_size)
         kl = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, "k1") * exp.action_mask
         penalty = self.kl_ctl.value if algo.kl_mode == "reward" else 0.0
@@ -262,7 +267,7 @@ class PPOTrainer:
         score_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        stats = _update(cfg, exp, self.actor, self.critic, self.actor_opt, self.critic_opt, self.ptx_iter, self.state)
+        stats = self.update(exp)
         self.synced = False
         train_s = time.perf_counter() - t0
         mean_kl = float(kl.sum(-1)[valid].mean()) if valid.any() else 0.0
@@ -285,8 +290,56 @@ class PPOTrainer:
             line["eval_accuracy"] = float(((scores >= 1.0) & valid).float().mean())
         if self.rm is not None:
             exp = build_experience(ids, out.responses, torch.ones(len(ids), dtype=torch.bool), self.pad_id)
-            line["eval_reward"] = float(reward_model_scores(self.rm, exp.input_ids, exp.last_index).mean())
+            line["eval_reward"] = float(self.rm_scores(exp, self.cfg.algo.micro_batch_size).mean())
         return line
+
+    def forward(self, chunks, fn, micro: list) -> list:
+        """Forward-only over micro-batches through the model's pipeline; fn(last chunk, output, mb)
+        runs on the last stage and its results reach every rank."""
+        def step(model, mb):
+            out = model(mb.input_ids)
+            return out, lambda o: (o.new_zeros(()), {"out": fn(model, o, mb)})
+
+        stats = forward_backward(step, chunks, micro, self.state, self.cfg.parallel, self.shape_fn,
+                                 forward_only=True)
+        return [s["out"] for s in stats]
+
+    def rm_scores(self, exp, micro_batch_size: int) -> torch.Tensor:
+        micro = [exp.select(i) for i in torch.arange(len(exp)).split(micro_batch_size)]
+        return torch.cat(self.forward(self.rm, lambda m, values, mb: values.float().gather(
+            1, mb.last_index[:, None]).squeeze(1), micro))
+
+    def update(self, exp) -> dict:
+        """Epochs x minibatches of actor and critic updates. With pipeline stages both models run in
+        one shared schedule (the critic's micro-batches fill the actor's bubbles)."""
+        cfg, algo, state = self.cfg, self.cfg.algo, self.state
+        gen = torch.Generator().manual_seed(cfg.seed)
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(algo.epochs):
+            order = torch.randperm(len(exp), generator=gen)
+            for mb_idx in order.chunk(algo.minibatches):
+                micro = [exp.select(i) for i in mb_idx.split(algo.micro_batch_size)]
+                scale = 1.0 / len(micro)
+                jobs = [PipelineJob(self.actor, actor_forward_step(algo, cfg.rollout.temperature, scale), micro)]
+                if self.critic is not None:
+                    jobs.append(PipelineJob(self.critic, critic_forward_step(algo, scale), micro))
+                if state.pp == 1:
+                    stats = [forward_backward_no_pipelining(j.forward_step, j.chunks[0], micro) for j in jobs]
+                else:
+                    schedule = "shared" if len(jobs) == 2 else "1f1b"
+                    stats = run_pipeline(build_order(schedule, len(micro), state.pp, state.pp_rank, 1, len(jobs)),
+                                         jobs, state, self.shape_fn, self.actor[0].dtype)
+                if self.ptx_iter is not None:
+                    _ptx_backward(self.actor[0], next(self.ptx_iter), algo.ptx_coef)
+                optimizer_step(self.actor, self.actor_opt, cfg.clip_grad, state)
+                if self.critic is not None:
+                    optimizer_step(self.critic, self.critic_opt, cfg.clip_grad, state)
+                for s in stats[0] + (stats[1] if len(stats) > 1 else []):
+                    for k, v in s.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                count += len(micro)
+        return {k: v / count for k, v in sums.items()}
 
     def close(self) -> None:
         self.rollout.close()
@@ -322,9 +375,14 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     if rm_source and not rm_source.config.value_head:
         raise ConfigError(f"reward model {cfg.reward.model} has no scalar head")
 
+    if cfg.parallel.virtual_stages != 1:
+        raise ConfigError("ppo pipelines actor and critic in one shared 1F1B schedule: parallel.virtual_stages must be 1")
+    if cfg.parallel.pp > 1 and cfg.algo.ptx_coef:
+        raise ConfigError("PPO-ptx (algo.ptx_coef > 0) runs without pipeline parallelism (pp = 1)")
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    if state.pp > 1 or state.dp > 1:
-        raise ConfigError("ppo runs tensor parallel only (pp = dp = 1) until 3D parallelism lands")
+    if state.dp > 1:
+        raise ConfigError(f"ppo runs on tp x pp = {state.tp * state.pp} ranks, not {state.world_size} "
+                          "(data-parallel PPO is not there yet)")
     trainer = PPOTrainer(cfg, state, actor_source, ckpt.open_source(cfg.critic) if cfg.critic else None,
                          rm_source, tokenizer.eos_id, tokenizer.pad_id,
                          _ptx_batches(cfg, tokenizer, state) if cfg.algo.ptx_coef else None)
@@ -364,37 +422,15 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     return run.history
 
 
+def _named(chunks):
+    return [(n, p) for c in chunks for n, p in c.named_parameters()]
+
+
 def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     out = torch.zeros(len(rows), width)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r)
     return out
-
-
-def _update(cfg, exp, actor, critic, actor_opt, critic_opt, ptx_iter, state) -> dict:
-    algo = cfg.algo
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sums: dict[str, float] = {}
-    count = 0
-    for _ in range(algo.epochs):
-        order = torch.randperm(len(exp), generator=gen)
-        for mb_idx in order.chunk(algo.minibatches):
-            micro = [exp.select(i) for i in mb_idx.split(algo.micro_batch_size)]
-            scale = 1.0 / len(micro)
-            a_stats = forward_backward_no_pipelining(actor_forward_step(algo, cfg.rollout.temperature, scale), actor, micro)
-            if ptx_iter is not None:
-                _ptx_backward(actor, next(ptx_iter), algo.ptx_coef)
-            c_stats = []
-            if critic is not None:
-                c_stats = forward_backward_no_pipelining(critic_forward_step(algo, scale), critic, micro)
-            optimizer_step(actor, actor_opt, cfg.clip_grad, state)
-            if critic is not None:
-                optimizer_step(critic, critic_opt, cfg.clip_grad, state)
-            for s in a_stats + c_stats:
-                for k, v in s.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            count += len(micro)
-    return {k: v / count for k, v in sums.items()}
 
 
 def _ptx_batches(cfg, tokenizer, state):

@@ -64,10 +64,3 @@ def rule_scores(rules: dict, prompts: list[str], responses: list[str], records: 
         scores.append(total if ok else 0.0)
         valid.append(ok)
     return torch.tensor(scores), torch.tensor(valid)
-
-
-def reward_model_scores(rm, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-    """Scalar score of each right-padded sequence: the value head at its last real token."""
-    with torch.no_grad():
-        values = rm(input_ids)
-    return values.gather(1, last_index[:, None]).squeeze(1).float()

@@ -63,3 +63,25 @@ def test_reshard_from_tp2_pp2_to_vllm_matches_native_greedy(tp_gen):
     # every byte of the model written exactly once, each by the rank that holds it
     print(json.dumps({"tp_gen": tp_gen, "bytes_per_rank": written, "model_bytes": ranks[0]["model_bytes"]}))
     assert sum(written) == ranks[0]["model_bytes"]
+
+
+def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
+    """The whole PPO step (vLLM rollout after a reshard, pipelined scoring, actor and critic in one
+    shared schedule) at TP2 x PP2 gives one rank's statistics."""
+    from tests import train_workers
+    from tests.distributed import run_ranks
+    from tests.hf_models import save_hf_model
+    save_hf_model("llama", tmp_path / "actor", vocab_size=384, hidden_size=128, intermediate_size=256,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    args = [f"--actor={tmp_path}/actor", "--rollout.backend=vllm", "--steps=2", "--rollout.prompts_per_step=8",
+            "--rollout.max_new_tokens=6", "--eval.path=null", "--export_hf=false", "--algo.micro_batch_size=2",
+            '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3"]
+    one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one"], timeout=900)[0]
+    four = run_ranks(4, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/four", "--parallel.tp=2",
+                                                         "--parallel.pp=2"], timeout=900)
+    keys = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len"]
+    for rank in four:
+        for a, b in zip(one, rank):
+            for k in keys:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)
+    assert one[1]["kl"] != 0
