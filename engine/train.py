@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,13 +147,6 @@ def build_chunks(source, model_cfg: ModelConfig, par: ParallelConfig, state: Par
     return chunks
 
 
-def build_model(cfg: TrainConfig, state: ParallelState) -> Transformer:
-    """The whole model on this rank (no pipeline split), from `cfg.init` or random weights."""
-    source, model_cfg = resolve_model(cfg)
-    return build_chunks(source, model_cfg, ParallelConfig(tp=cfg.parallel.tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                                                          recompute=cfg.parallel.recompute), state, cfg.dtype, cfg.seed)[0]
-
-
 def check_parallel(par: ParallelConfig, model_cfg: ModelConfig, micro_batches: int) -> None:
     if par.schedule not in ("1f1b", "interleaved"):
         raise ConfigError(f"parallel.schedule must be 1f1b or interleaved, not {par.schedule!r}")
@@ -171,10 +165,10 @@ def forward_backward(forward_step, chunks: list, micro_batches: list, state: Par
         stats = []
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with ddp.no_sync() if ddp is not None and not last else _nullcontext():
+            with ddp.no_sync() if ddp is not None and not last else nullcontext():
                 stats += forward_backward_no_pipelining(forward_step, chunks[0], [mb], forward_only)
     else:
-        with ddp.no_sync() if ddp is not None else _nullcontext():
+        with ddp.no_sync() if ddp is not None else nullcontext():
             order = build_order(par.schedule, len(micro_batches), state.pp, state.pp_rank, len(chunks),
                                 forward_only=forward_only)
             stats = run_pipeline(order, [PipelineJob(chunks, forward_step, micro_batches)], state, shape_fn,
@@ -182,11 +176,6 @@ def forward_backward(forward_step, chunks: list, micro_batches: list, state: Par
     if ddp is not None and not forward_only:
         ddp.finish_grad_sync()
     return stats
-
-
-def _nullcontext():
-    from contextlib import nullcontext
-    return nullcontext()
 
 
 def activation_shape(model_cfg: ModelConfig, state: ParallelState, sequence_parallel: bool):

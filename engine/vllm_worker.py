@@ -36,11 +36,18 @@ class WeightSyncExtension:
         if head is not None and getattr(config, "tie_word_embeddings", False) and method is not None:
             method.process_weights_after_loading(head)
 
-    def trident_reload_seconds(self, payload: bytes) -> float:
-        """Time `reload_weights` alone (tensors deserialised first): the floor a weight sync compares to."""
+    def trident_stage(self, payload: bytes) -> int:
+        """Benchmark baseline, part 1: deserialise tensors into this worker and keep them."""
         from safetensors.torch import load
 
-        tensors = load(payload)
+        self._trident_staged = load(payload)
+        return len(self._trident_staged)
+
+    def trident_reload_staged(self) -> float:
+        """Benchmark baseline, part 2: vLLM's own `reload_weights` of the staged tensors; returns the
+        seconds spent inside the worker (the caller also times the RPC around it)."""
         t0 = time.perf_counter()
-        self.model_runner.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        self.model_runner.reload_weights(weights_iterator=iter(self._trident_staged.items()),
+                                         is_checkpoint_format=True)
+        self._trident_refresh_tied_head()
         return time.perf_counter() - t0
