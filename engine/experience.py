@@ -87,7 +87,7 @@ def score(exp: Experience, forward, actor, ref, critic, temperature: float, micr
         if critic is not None else None
 
 
-def actor_forward_step(cfg, temperature: float, scale: float):
+def actor_forward_step(cfg, temperature: float, scale: float, group=None):
     """Step function for the policy: clipped surrogate + optional KL loss - entropy bonus."""
 
     def step(model, exp: Experience):
@@ -96,11 +96,12 @@ def actor_forward_step(cfg, temperature: float, scale: float):
         def loss_fn(logits):
             logp = action_log_probs(model, logits, exp, temperature)
             loss, stats = rl_math.policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
-                                              cfg.clip_eps, cfg.dual_clip)
+                                              cfg.clip_eps, cfg.dual_clip, group)
             if cfg.kl_mode == "loss":
-                kl = rl_math.masked_mean(rl_math.kl_penalty(logp, exp.ref_logp, cfg.kl_estimator), exp.action_mask)
+                kl = rl_math.masked_mean(rl_math.kl_penalty(logp, exp.ref_logp, cfg.kl_estimator), exp.action_mask,
+                                         group)
                 loss = loss + cfg.kl_coef * kl
-            entropy = rl_math.masked_mean(action_entropy(model, logits, exp), exp.action_mask)
+            entropy = rl_math.masked_mean(action_entropy(model, logits, exp), exp.action_mask, group)
             stats.update(policy_loss=loss.item(), entropy=entropy.item())
             if cfg.entropy_coef:
                 loss = loss - cfg.entropy_coef * entropy
@@ -111,13 +112,13 @@ def actor_forward_step(cfg, temperature: float, scale: float):
     return step
 
 
-def critic_forward_step(cfg, scale: float):
+def critic_forward_step(cfg, scale: float, group=None):
     def step(model, exp: Experience):
         values = model(exp.input_ids)
 
         def loss_fn(values):
             loss, stats = rl_math.value_loss(action_values(values, exp), exp.old_values, exp.returns,
-                                             exp.action_mask, cfg.value_clip)
+                                             exp.action_mask, cfg.value_clip, group)
             stats["value_loss"] = loss.item()
             return loss * scale, stats
 

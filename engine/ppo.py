@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from engine.run_log import RunLog
 from engine.sampler import SamplingParams
 from engine.tokenizer import check_vocab, load_tokenizer
 from engine.train import DTYPES, ParallelConfig, build_chunks, forward_backward, save_checkpoint
+from parallel import comm
+from parallel.ddp import DistributedDataParallel
 from parallel.grads import clip_grads, finalize_tp_grads
 from parallel.optimizer import MasterWeightAdamW, param_groups
 from parallel.pipeline import PipelineJob, build_order, forward_backward_no_pipelining, run_pipeline
@@ -203,6 +206,11 @@ class PPOTrainer:
         self.actor_opt = MasterWeightAdamW(param_groups(_named(self.actor), 0.0), lr=cfg.actor_lr)
         self.critic_opt = (MasterWeightAdamW(param_groups(_named(self.critic), 0.0), lr=cfg.critic_lr)
                            if self.critic else None)
+        self.actor_ddp = self.critic_ddp = None
+        if state.dp > 1:
+            self.actor_ddp = DistributedDataParallel([p for _, p in _named(self.actor)], state.dp_group)
+            if self.critic:
+                self.critic_ddp = DistributedDataParallel([p for _, p in _named(self.critic)], state.dp_group)
         hidden, sp = actor_source.config.hidden_size, cfg.parallel.sequence_parallel and state.tp > 1
         self.shape_fn = lambda exp: (len(exp), exp.input_ids.shape[1] // (state.tp if sp else 1), hidden)
         self.ptx_iter = ptx_iter
@@ -240,15 +248,21 @@ class PPOTrainer:
         t0 = time.perf_counter()
         scores, valid = rule_fn(gen.responses)
         valid &= torch.tensor([len(r) > 0 for r in gen.responses])
-        exp = build_experience(prompts, gen.responses, valid, self.pad_id)
+        # data parallel: every rank has the whole rollout and keeps its contiguous share (whole groups)
+        dp, group = self.state.dp, self.state.dp_group
+        share = len(prompts) // dp
+        rows = slice(self.state.dp_rank * share, (self.state.dp_rank + 1) * share)
+        prompts, responses, logprobs = prompts[rows], gen.responses[rows], gen.logprobs[rows]
+        scores, valid = scores[rows], valid[rows]
+        exp = build_experience(prompts, responses, valid, self.pad_id)
         if self.rm is not None:
             scores = scores + cfg.reward.model_weight * self.rm_scores(exp, algo.micro_batch_size)
         raw_scores = scores.clone()
         if algo.normalize_rewards:
-            self.moments.update(scores[valid])
+            self.moments.update(scores[valid], group)
             scores = scores / (self.moments.var ** 0.5 + 1e-8)
         if algo.old_logprobs == "rollout":
-            exp.old_logp = _pad_rows(gen.logprobs, exp.action_mask.shape[1])
+            exp.old_logp = _pad_rows(logprobs, exp.action_mask.shape[1])
         score(exp, self.forward, None if algo.old_logprobs == "rollout" else self.actor, self.ref, self.critic,
               cfg.rollout.temperature, algo.micro_batch_size)
         kl = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, "k1") * exp.action_mask
@@ -260,7 +274,7 @@ class PPOTrainer:
             rewards = rl_math.token_rewards(scores, exp.action_mask, kl_for_reward, penalty)
             exp.advantages, exp.returns = rl_math.gae(rewards, exp.old_values, exp.action_mask, algo.gamma, algo.lam)
             if algo.whiten_advantages:
-                exp.advantages = rl_math.masked_whiten(exp.advantages, exp.action_mask)
+                exp.advantages = rl_math.masked_whiten(exp.advantages, exp.action_mask, group)
         else:
             seq_adv = rl_math.group_advantages(scores, cfg.rollout.samples_per_prompt, algo.advantage, valid)
             exp.advantages = rl_math.outcome_advantages(seq_adv, exp.action_mask, -penalty * kl_for_reward)
@@ -270,13 +284,18 @@ class PPOTrainer:
         stats = self.update(exp)
         self.synced = False
         train_s = time.perf_counter() - t0
-        mean_kl = float(kl.sum(-1)[valid].mean()) if valid.any() else 0.0
-        self.kl_ctl.update(mean_kl, len(prompts))
-        return {"step": step, "reward_mean": float(raw_scores[valid].mean()) if valid.any() else float("nan"),
+        # batch statistics over every DP rank: sums of (score, kl, valid rows) and the loss stats' mean
+        tot = comm.all_reduce(torch.stack([(raw_scores * valid).sum(), (kl.sum(-1) * valid).sum(),
+                                           valid.sum().double()]).double(), group).tolist()
+        stats = {k: v / dp for k, v in zip(stats, comm.all_reduce(
+            torch.tensor(list(stats.values()), dtype=torch.float64), group).tolist())}
+        mean_kl = tot[1] / tot[2] if tot[2] else 0.0
+        self.kl_ctl.update(mean_kl, len(gen.responses))
+        return {"step": step, "reward_mean": tot[0] / tot[2] if tot[2] else float("nan"),
                 "kl": mean_kl, "kl_coef": self.kl_ctl.value, **stats,
-                "response_len": gen_tokens / len(prompts), "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
+                "response_len": gen_tokens / len(gen.responses), "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
                 "sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s,
-                "step_s": sync_s + gen_s + score_s + train_s, "skipped_samples": int((~valid).sum())}
+                "step_s": sync_s + gen_s + score_s + train_s, "skipped_samples": len(gen.responses) - int(tot[2])}
 
     def evaluate(self, step: int, tokenizer, records, ids) -> dict:
         """Greedy answers to held-out prompts: accuracy under the eval rules, mean reward-model score."""
@@ -321,17 +340,23 @@ class PPOTrainer:
             for mb_idx in order.chunk(algo.minibatches):
                 micro = [exp.select(i) for i in mb_idx.split(algo.micro_batch_size)]
                 scale = 1.0 / len(micro)
-                jobs = [PipelineJob(self.actor, actor_forward_step(algo, cfg.rollout.temperature, scale), micro)]
+                dp = state.dp_group  # losses are means over every DP rank's tokens; DDP sums the gradients
+                jobs = [PipelineJob(self.actor, actor_forward_step(algo, cfg.rollout.temperature, scale, dp), micro)]
                 if self.critic is not None:
-                    jobs.append(PipelineJob(self.critic, critic_forward_step(algo, scale), micro))
-                if state.pp == 1:
-                    stats = [forward_backward_no_pipelining(j.forward_step, j.chunks[0], micro) for j in jobs]
-                else:
-                    schedule = "shared" if len(jobs) == 2 else "1f1b"
-                    stats = run_pipeline(build_order(schedule, len(micro), state.pp, state.pp_rank, 1, len(jobs)),
-                                         jobs, state, self.shape_fn, self.actor[0].dtype)
-                if self.ptx_iter is not None:
-                    _ptx_backward(self.actor[0], next(self.ptx_iter), algo.ptx_coef)
+                    jobs.append(PipelineJob(self.critic, critic_forward_step(algo, scale, dp), micro))
+                with self.actor_ddp.no_sync() if self.actor_ddp else nullcontext(), \
+                        self.critic_ddp.no_sync() if self.critic_ddp else nullcontext():
+                    if state.pp == 1:
+                        stats = [forward_backward_no_pipelining(j.forward_step, j.chunks[0], micro) for j in jobs]
+                    else:
+                        schedule = "shared" if len(jobs) == 2 else "1f1b"
+                        stats = run_pipeline(build_order(schedule, len(micro), state.pp, state.pp_rank, 1, len(jobs)),
+                                             jobs, state, self.shape_fn, self.actor[0].dtype)
+                    if self.ptx_iter is not None:
+                        _ptx_backward(self.actor[0], next(self.ptx_iter), algo.ptx_coef)
+                for ddp in (self.actor_ddp, self.critic_ddp):
+                    if ddp is not None:
+                        ddp.finish_grad_sync()
                 optimizer_step(self.actor, self.actor_opt, cfg.clip_grad, state)
                 if self.critic is not None:
                     optimizer_step(self.critic, self.critic_opt, cfg.clip_grad, state)
@@ -380,9 +405,11 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     if cfg.parallel.pp > 1 and cfg.algo.ptx_coef:
         raise ConfigError("PPO-ptx (algo.ptx_coef > 0) runs without pipeline parallelism (pp = 1)")
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    if state.dp > 1:
-        raise ConfigError(f"ppo runs on tp x pp = {state.tp * state.pp} ranks, not {state.world_size} "
-                          "(data-parallel PPO is not there yet)")
+    if cfg.rollout.prompts_per_step % state.dp:
+        raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must divide by the "
+                          f"data-parallel size ({state.dp})")
+    if state.dp > 1 and cfg.algo.ptx_coef:
+        raise ConfigError("PPO-ptx (algo.ptx_coef > 0) runs without data parallelism (dp = 1)")
     trainer = PPOTrainer(cfg, state, actor_source, ckpt.open_source(cfg.critic) if cfg.critic else None,
                          rm_source, tokenizer.eos_id, tokenizer.pad_id,
                          _ptx_batches(cfg, tokenizer, state) if cfg.algo.ptx_coef else None)

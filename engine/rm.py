@@ -134,7 +134,7 @@ def train_rm(cfg: RMConfig) -> list[dict]:
         opt.step()
         opt.zero_grad()
         line = {"step": step, "loss": loss.item(), "accuracy": float((chosen > rejected).float().mean()),
-                "margin": float((chosen - rejected).mean()), "lr": lr, "grad_norm": norm,
+                "margin": float((chosen - rejected).detach().mean()), "lr": lr, "grad_norm": norm,
                 "pairs_per_s": len(batch) / (time.perf_counter() - t0), "skipped_pairs": skipped}
         if eval_pairs and (step % cfg.eval_every == 0 or step == cfg.steps):
             line["eval_accuracy"] = pairwise_accuracy(model, eval_pairs, tokenizer.pad_id)

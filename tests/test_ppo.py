@@ -92,3 +92,19 @@ def test_group_advantage_runs_without_critic_and_checks_its_config(actor, tmp_pa
     code = main(["ppo", *_args(actor, tmp_path / "bad", "--algo.advantage=grpo")])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "samples_per_prompt" in err and not (tmp_path / "bad").exists()
+
+
+def test_data_parallel_ppo_matches_one_rank(actor, tmp_path):
+    """DP=2 (each rank its half of the rollout, statistics and losses over both, gradients summed by
+    DDP) gives one rank's statistics step for step."""
+    args = _args(actor, tmp_path / "x", "--eval.path=null", "--export_hf=false",
+                 '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3",
+                 "--steps=3", "--algo.epochs=1", "--algo.minibatches=1", "--algo.micro_batch_size=8")
+    one = ppo(load_config(PPOConfig, None, args))
+    two = run_ranks(2, train_workers.ppo_history, args)
+    keys = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "clip_frac", "response_len"]
+    for rank in two:
+        for a, b in zip(one, rank):
+            for k in keys:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+    assert one[2]["kl"] != 0
