@@ -76,3 +76,25 @@ def pipelined(rank, world, schedule, v=1, split=None, models=1):
     stats = run_pipeline(order, jobs, state, lambda mb: (ROWS, WIDTH), torch.float32)
     return [({f"{i}.{n}": p.grad for c in job.chunks for i, blk in zip(c.ids, c.blocks) for n, p in blk.named_parameters()},
              [s["loss"] for s in st]) for job, st in zip(jobs, stats)]
+
+
+def ddp_buckets(rank, world):
+    """Two micro-batches under DDP: nothing sent during the first; every bucket's all-reduce started
+    by hooks during the second backward (before finish_grad_sync); the result is the sum over ranks."""
+    from parallel.ddp import DistributedDataParallel
+    state = build_state(rank, 1, 1, world, torch.device("cpu"))
+    chain = Chunk(range(BLOCKS))
+    ddp = DistributedDataParallel(list(chain.parameters()), state.dp_group, bucket_mb=0.0005)
+    mbs = micro_batches(seed=rank)
+
+    def backward(mb):
+        out, loss_fn = forward_step(chain, mb)
+        loss_fn(out)[0].backward()
+
+    with ddp.no_sync():
+        backward(mbs[0])
+    started_early = any(b.work is not None for b in ddp.buckets)
+    backward(mbs[1])
+    started = [b.work is not None for b in ddp.buckets]
+    ddp.finish_grad_sync()
+    return started_early, started, len(ddp.buckets), {n: p.main_grad.clone() for n, p in chain.named_parameters()}

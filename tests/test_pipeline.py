@@ -65,3 +65,21 @@ def test_bench_pipeline_cli_reports_every_schedule(capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res["bubble"]) == {"1f1b", "interleaved", "shared"}
     assert res["shared_units"] < res["sequential_units"]
+
+
+def test_ddp_reduces_buckets_from_backward_hooks_and_sums_over_ranks():
+    ranks = run_ranks(2, W.ddp_buckets)
+    for early, started, n_buckets, _ in ranks:
+        assert not early and n_buckets > 1 and all(started)
+    # reference: each rank's two micro-batches on one process, gradients summed
+    total = {}
+    for seed in range(2):
+        chain = W.Chunk(range(W.BLOCKS))
+        for mb in W.micro_batches(seed=seed)[:2]:
+            out, loss_fn = W.forward_step(chain, mb)
+            loss_fn(out)[0].backward()
+        for n, p in chain.named_parameters():
+            total[n] = total.get(n, 0) + p.grad
+    for _, _, _, grads in ranks:
+        for n, g in grads.items():
+            torch.testing.assert_close(g, total[n], rtol=1e-5, atol=1e-6)

@@ -88,6 +88,7 @@ def _all_tensors(path):
     (8, 2, ["--parallel.tp=2", "--parallel.pp=2", "--parallel.sequence_parallel=true"]),
     (4, 1, ["--parallel.pp=4", "--parallel.layer_split=[2,1,1,2]"]),
     (4, 2, ["--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.schedule=interleaved"]),
+    (2, 2, []),  # pure DP: all-reduces start from the backward hooks of the last micro-batch
 ])
 def test_3d_layouts_match_one_rank(tmp_path, world, dp, layout):
     accum = 4 // dp  # same global batch: 4 micro-batches of 2 rows per step
