@@ -41,8 +41,6 @@ def test_bench_help(capsys):
 # ---- the fast kernels the bench exercises keep the reference math (fwd and bwd) -----------------------
 
 def _compare(fast, ref, inputs, grad_out, tol):
-    import torch
-
     a = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     b = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     ya, yb = fast(*a), ref(*b)

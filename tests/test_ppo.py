@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from engine.cli import main
 from engine.config import load_config
