@@ -30,6 +30,11 @@ class Experience:
     def select(self, idx: torch.Tensor) -> "Experience":
         return Experience(**{k: None if v is None else v[idx] for k, v in vars(self).items()})
 
+    def micro_batches(self, size: int, rows: torch.Tensor | None = None) -> list["Experience"]:
+        """`rows` (default: all, in order) cut into micro-batches of at most `size` rows."""
+        rows = torch.arange(len(self)) if rows is None else rows
+        return [self.select(i) for i in rows.split(size)]
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
@@ -75,7 +80,7 @@ def score(exp: Experience, forward, actor, ref, critic, temperature: float, micr
     """Fill ref_logp, old_logp (unless actor is None: already taken from the rollout) and old_values
     (with a critic). forward(model chunks, fn, micro-batches) runs fn(last chunk, output, mb) on each
     micro-batch's output through the model's pipeline and returns the results."""
-    micro = [exp.select(i) for i in torch.arange(len(exp)).split(micro_batch_size)]
+    micro = exp.micro_batches(micro_batch_size)
 
     def logp(model, logits, mb):
         return action_log_probs(model, logits, mb, temperature)

@@ -116,9 +116,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, state, self.sp, dtype) for i in self.layer_ids})
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
-        # tied embeddings split across stages: the last stage keeps its own copy of the embedding;
-        # the two copies' gradients are summed over the embedding group so they stay equal
-        self.tied_copy = cfg.tie_word_embeddings and self.last and not self.first and not cfg.value_head
         if self.last:
             self.norm = _norm(cfg, state, self.sp, dtype)
             if cfg.value_head:
@@ -128,10 +125,10 @@ class Transformer(nn.Module):
                 self.head = ColumnParallelLinear(cfg.hidden_size, 0, group, sequence_parallel=self.sp,
                                                  local_out_features=vocab_slice(cfg, state.tp, 0)[0], dtype=dtype,
                                                  skip_weight_param_allocation=cfg.tie_word_embeddings and self.first)
-                if self.tied_copy:
-                    mark_replica(self.head.weight, state.embed_group, grads_partial=True)
-        if cfg.tie_word_embeddings and self.first and not self.last and not cfg.value_head:
-            mark_replica(self.embed.weight, state.embed_group, grads_partial=True)
+        if cfg.tie_word_embeddings and not cfg.value_head and self.first != self.last:
+            # a tied embedding split across stages: the last stage keeps its own copy; the two copies'
+            # gradients are summed over the embedding group so they stay equal
+            mark_replica(self.embed.weight if self.first else self.head.weight, state.embed_group, grads_partial=True)
         _, self.vocab_start, self.vocab_real = vocab_slice(cfg, state.tp, state.tp_rank)
         self._input_tensor = None
 

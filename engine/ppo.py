@@ -324,7 +324,7 @@ class PPOTrainer:
         return [s["out"] for s in stats]
 
     def rm_scores(self, exp, micro_batch_size: int) -> torch.Tensor:
-        micro = [exp.select(i) for i in torch.arange(len(exp)).split(micro_batch_size)]
+        micro = exp.micro_batches(micro_batch_size)
         return torch.cat(self.forward(self.rm, lambda m, values, mb: values.float().gather(
             1, mb.last_index[:, None]).squeeze(1), micro))
 
@@ -338,7 +338,7 @@ class PPOTrainer:
         for _ in range(algo.epochs):
             order = torch.randperm(len(exp), generator=gen)
             for mb_idx in order.chunk(algo.minibatches):
-                micro = [exp.select(i) for i in mb_idx.split(algo.micro_batch_size)]
+                micro = exp.micro_batches(algo.micro_batch_size, mb_idx)
                 scale = 1.0 / len(micro)
                 dp = state.dp_group  # losses are means over every DP rank's tokens; DDP sums the gradients
                 jobs = [PipelineJob(self.actor, actor_forward_step(algo, cfg.rollout.temperature, scale, dp), micro)]
@@ -402,14 +402,12 @@ def ppo(cfg: PPOConfig) -> list[dict]:
 
     if cfg.parallel.virtual_stages != 1:
         raise ConfigError("ppo pipelines actor and critic in one shared 1F1B schedule: parallel.virtual_stages must be 1")
-    if cfg.parallel.pp > 1 and cfg.algo.ptx_coef:
-        raise ConfigError("PPO-ptx (algo.ptx_coef > 0) runs without pipeline parallelism (pp = 1)")
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if cfg.rollout.prompts_per_step % state.dp:
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must divide by the "
                           f"data-parallel size ({state.dp})")
-    if state.dp > 1 and cfg.algo.ptx_coef:
-        raise ConfigError("PPO-ptx (algo.ptx_coef > 0) runs without data parallelism (dp = 1)")
+    if cfg.algo.ptx_coef and state.pp * state.dp > 1:
+        raise ConfigError("PPO-ptx (algo.ptx_coef > 0) runs with tensor parallelism only (pp = dp = 1)")
     trainer = PPOTrainer(cfg, state, actor_source, ckpt.open_source(cfg.critic) if cfg.critic else None,
                          rm_source, tokenizer.eos_id, tokenizer.pad_id,
                          _ptx_batches(cfg, tokenizer, state) if cfg.algo.ptx_coef else None)

@@ -105,10 +105,7 @@ def pipeline(args) -> int:
     if args.forward_ms <= 0 or args.backward_ms <= 0:
         raise ConfigError("--forward-ms and --backward-ms must be > 0")
     res = run(args.stages, args.micro_batches, args.forward_ms, args.backward_ms, args.virtual_stages, args.steps)
-    for line in format_result(res):
-        print(line)
-    print(json.dumps(res), flush=True)
-    return 0
+    return _report(format_result(res), res)
 
 
 def ppo(args) -> int:
@@ -125,7 +122,12 @@ def ppo(args) -> int:
         backend = "vllm" if vllm_available() else "native"
     res = run(size, backend, args.dtype, args.steps, args.warmup, args.old_logprobs, args.size,
               vllm_eager=not args.vllm_compile)
-    for line in format_result(res):
+    return _report(format_result(res), res)
+
+
+def _report(lines: list[str], res: dict) -> int:
+    """The human-readable summary, then every number as one JSON object on the last line."""
+    for line in lines:
         print(line)
     print(json.dumps(res), flush=True)
     return 0
@@ -176,10 +178,7 @@ def train(args) -> int:
     res = run(size, args.dtype, steps=args.steps, warmup=args.warmup, compare=args.compare,
               compile_mode=args.compile, threads=args.threads, peak_n=args.peak_n, size_name=name,
               profile=args.profile, malloc=args.malloc, attention=args.attention)
-    for line in _fmt(res):
-        print(line)
-    print(json.dumps(res), flush=True)
-    return 0
+    return _report(_fmt(res), res)
 
 
 def main(argv: list[str]) -> int:
