@@ -24,6 +24,7 @@ class Experience:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None   # [B, R] token rewards (score on the last token, KL penalty)
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
@@ -57,46 +58,44 @@ def build_experience(prompts: list[list[int]], responses: list[list[int]], valid
 
 
 def action_log_probs(model, logits: torch.Tensor, exp: Experience, temperature: float = 1.0):
-    """Log-probs of the response tokens under the model, [B, R] (vocab-parallel, fp32)."""
+    """Log-probs of the response tokens, [B, R] (vocab-parallel, fp32), from the logits at the positions
+    that predict them (`model(..., select=exp.action_index)`)."""
     if temperature != 1.0:
         logits = logits / temperature
-    targets = exp.input_ids[:, 1:]
-    lp = vocab_parallel_log_probs(logits[:, :-1], targets, model.state.tp_group, model.vocab_start)
-    return lp.gather(1, exp.action_index.clamp(max=lp.shape[1] - 1))
+    targets = exp.input_ids.gather(1, exp.action_index + 1)
+    return vocab_parallel_log_probs(logits, targets, model.state.tp_group, model.vocab_start)
 
 
-def action_entropy(model, logits: torch.Tensor, exp: Experience) -> torch.Tensor:
-    ent = vocab_parallel_entropy(logits[:, :-1], model.state.tp_group)
-    return ent.gather(1, exp.action_index.clamp(max=ent.shape[1] - 1))
-
-
-def action_values(values: torch.Tensor, exp: Experience) -> torch.Tensor:
-    """Critic value of the state before each response token."""
-    return values.float().gather(1, exp.action_index)
+def action_entropy(model, logits: torch.Tensor) -> torch.Tensor:
+    return vocab_parallel_entropy(logits, model.state.tp_group)
 
 
 @torch.no_grad()
 def score(exp: Experience, forward, actor, ref, critic, temperature: float, micro_batch_size: int) -> None:
     """Fill ref_logp, old_logp (unless actor is None: already taken from the rollout) and old_values
-    (with a critic). forward(model chunks, fn, micro-batches) runs fn(last chunk, output, mb) on each
-    micro-batch's output through the model's pipeline and returns the results."""
+    (unless critic is None). forward(model chunks, fn, micro-batches, select) runs fn(last chunk, output,
+    mb) on each micro-batch's outputs at the positions select(mb) through the model's pipeline and
+    returns the results."""
     micro = exp.micro_batches(micro_batch_size)
 
     def logp(model, logits, mb):
         return action_log_probs(model, logits, mb, temperature)
 
+    def at_actions(mb):
+        return mb.action_index
+
     if actor is not None:
-        exp.old_logp = torch.cat(forward(actor, logp, micro))
-    exp.ref_logp = torch.cat(forward(ref, logp, micro))
-    exp.old_values = torch.cat(forward(critic, lambda m, values, mb: action_values(values, mb), micro)) \
-        if critic is not None else None
+        exp.old_logp = torch.cat(forward(actor, logp, micro, at_actions))
+    exp.ref_logp = torch.cat(forward(ref, logp, micro, at_actions))
+    if critic is not None:
+        exp.old_values = torch.cat(forward(critic, lambda m, values, mb: values.float(), micro, at_actions))
 
 
 def actor_forward_step(cfg, temperature: float, scale: float, group=None):
     """Step function for the policy: clipped surrogate + optional KL loss - entropy bonus."""
 
     def step(model, exp: Experience):
-        logits = model(exp.input_ids)
+        logits = model(exp.input_ids, select=exp.action_index)
 
         def loss_fn(logits):
             logp = action_log_probs(model, logits, exp, temperature)
@@ -106,7 +105,7 @@ def actor_forward_step(cfg, temperature: float, scale: float, group=None):
                 kl = rl_math.masked_mean(rl_math.kl_penalty(logp, exp.ref_logp, cfg.kl_estimator), exp.action_mask,
                                          group)
                 loss = loss + cfg.kl_coef * kl
-            entropy = rl_math.masked_mean(action_entropy(model, logits, exp), exp.action_mask, group)
+            entropy = rl_math.masked_mean(action_entropy(model, logits), exp.action_mask, group)
             stats.update(policy_loss=loss.item(), entropy=entropy.item())
             if cfg.entropy_coef:
                 loss = loss - cfg.entropy_coef * entropy
@@ -117,13 +116,23 @@ def actor_forward_step(cfg, temperature: float, scale: float, group=None):
     return step
 
 
-def critic_forward_step(cfg, scale: float, group=None):
+def critic_forward_step(cfg, scale: float, group=None, on_values=None):
+    """Step function for the critic: clipped value loss. Without old values in the experience (a single
+    on-policy update) the pass scores the rollout itself: its values, before this update, are the old
+    values; the returns follow from them and `exp.rewards` by GAE, and `on_values(mb, values)` receives
+    them (the advantages for the actor are computed from them after this pass)."""
+
     def step(model, exp: Experience):
-        values = model(exp.input_ids)
+        values = model(exp.input_ids, select=exp.action_index)
 
         def loss_fn(values):
-            loss, stats = rl_math.value_loss(action_values(values, exp), exp.old_values, exp.returns,
-                                             exp.action_mask, cfg.value_clip, group)
+            values = values.float()
+            old, returns = exp.old_values, exp.returns
+            if old is None:
+                old = values.detach()
+                _, returns = rl_math.gae(exp.rewards, old, exp.action_mask, cfg.gamma, cfg.lam)
+                on_values(exp, old)
+            loss, stats = rl_math.value_loss(values, old, returns, exp.action_mask, cfg.value_clip, group)
             stats["value_loss"] = loss.item()
             return loss * scale, stats
 

@@ -145,13 +145,15 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                kv_cache=None) -> torch.Tensor:
+                kv_cache=None, select: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, s] on the first stage (else `hidden` from the previous stage).
 
         attention_mask: bool [b, 1, s, s], True where attention is allowed; None means causal.
         kv_cache: a sampler.KVCache for incremental decoding (positions and mask then required).
-        Returns local logits [b, s, vocab slice] (unpadded), values [b, s], or the hidden state for
-        the next stage.
+        select: [b, r] sequence positions whose outputs are wanted (last stage; e.g. the positions that
+        predict response tokens): the final norm and the head run on those rows only.
+        Returns local logits [b, s or r, vocab slice] (unpadded), values [b, s or r], or the hidden
+        state for the next stage.
         """
         if self.first:
             hidden = self.embed(input_ids)
@@ -173,11 +175,17 @@ class Transformer(nn.Module):
             kv_cache.advance(hidden.shape[1])
         if not self.last:
             return hidden
+        if select is not None and not self.sp:
+            hidden = hidden.gather(1, select[..., None].expand(-1, -1, hidden.shape[-1]))
         hidden = self.norm(hidden)
         if self.cfg.value_head:
             if self.sp:
                 hidden = comm.gather_from_sequence_parallel_region(hidden, self.state.tp_group, False)
-            return self.value_head(hidden).squeeze(-1)
-        weight = self.embed.weight if self.cfg.tie_word_embeddings and self.first else self.head.weight
-        # Padded vocab rows never reach the logits, so losses need no masking.
-        return self.head(hidden, weight[: self.vocab_real])
+            out = self.value_head(hidden).squeeze(-1)
+        else:
+            weight = self.embed.weight if self.cfg.tie_word_embeddings and self.first else self.head.weight
+            # Padded vocab rows never reach the logits, so losses need no masking.
+            out = self.head(hidden, weight[: self.vocab_real])
+        if select is not None and self.sp:  # the sequence is split across ranks until the head gathers it
+            out = out.gather(1, select if out.dim() == 2 else select[..., None].expand(-1, -1, out.shape[-1]))
+        return out

@@ -90,6 +90,9 @@ class AlgoConfig:
     """recompute: the actor re-scores the rollout before the update (exact in any precision);
     rollout: take the generator's own sampled-token log-probs (saves one actor forward; they agree
     with the trainer's to ~1e-6 in fp32, less in bf16)."""
+    fused_values: bool = True
+    """With a single on-policy update (1 epoch, 1 minibatch, pp = 1) the critic's update pass gives the
+    old values (its pre-update forward), saving the critic's scoring pass; the result is identical."""
     whiten_advantages: bool = True
     """Whiten GAE advantages over the batch (group advantages are already baselined per prompt)."""
     normalize_rewards: bool = False
@@ -263,18 +266,18 @@ class PPOTrainer:
             scores = scores / (self.moments.var ** 0.5 + 1e-8)
         if algo.old_logprobs == "rollout":
             exp.old_logp = _pad_rows(logprobs, exp.action_mask.shape[1])
-        score(exp, self.forward, None if algo.old_logprobs == "rollout" else self.actor, self.ref, self.critic,
-              cfg.rollout.temperature, algo.micro_batch_size)
+        fused = self.fused_values()
+        score(exp, self.forward, None if algo.old_logprobs == "rollout" else self.actor, self.ref,
+              None if fused else self.critic, cfg.rollout.temperature, algo.micro_batch_size)
         kl = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, "k1") * exp.action_mask
         penalty = self.kl_ctl.value if algo.kl_mode == "reward" else 0.0
         kl_for_reward = kl
         if algo.kl_mode == "reward" and algo.kl_estimator != "k1":
             kl_for_reward = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, algo.kl_estimator) * exp.action_mask
         if self.use_critic:
-            rewards = rl_math.token_rewards(scores, exp.action_mask, kl_for_reward, penalty)
-            exp.advantages, exp.returns = rl_math.gae(rewards, exp.old_values, exp.action_mask, algo.gamma, algo.lam)
-            if algo.whiten_advantages:
-                exp.advantages = rl_math.masked_whiten(exp.advantages, exp.action_mask, group)
+            exp.rewards = rl_math.token_rewards(scores, exp.action_mask, kl_for_reward, penalty)
+            if not fused:  # else the critic's update pass provides the values first
+                self.gae_advantages(exp)
         else:
             seq_adv = rl_math.group_advantages(scores, cfg.rollout.samples_per_prompt, algo.advantage, valid)
             exp.advantages = rl_math.outcome_advantages(seq_adv, exp.action_mask, -penalty * kl_for_reward)
@@ -312,11 +315,11 @@ class PPOTrainer:
             line["eval_reward"] = float(self.rm_scores(exp, self.cfg.algo.micro_batch_size).mean())
         return line
 
-    def forward(self, chunks, fn, micro: list) -> list:
-        """Forward-only over micro-batches through the model's pipeline; fn(last chunk, output, mb)
-        runs on the last stage and its results reach every rank."""
+    def forward(self, chunks, fn, micro: list, select) -> list:
+        """Forward-only over micro-batches through the model's pipeline; fn(last chunk, output, mb) runs
+        on the last stage on the outputs at positions select(mb) and its results reach every rank."""
         def step(model, mb):
-            out = model(mb.input_ids)
+            out = model(mb.input_ids, select=select(mb))
             return out, lambda o: (o.new_zeros(()), {"out": fn(model, o, mb)})
 
         stats = forward_backward(step, chunks, micro, self.state, self.cfg.parallel, self.shape_fn,
@@ -325,12 +328,27 @@ class PPOTrainer:
 
     def rm_scores(self, exp, micro_batch_size: int) -> torch.Tensor:
         micro = exp.micro_batches(micro_batch_size)
-        return torch.cat(self.forward(self.rm, lambda m, values, mb: values.float().gather(
-            1, mb.last_index[:, None]).squeeze(1), micro))
+        return torch.cat(self.forward(self.rm, lambda m, values, mb: values.float().squeeze(1), micro,
+                                      lambda mb: mb.last_index[:, None]))
+
+    def fused_values(self) -> bool:
+        algo = self.cfg.algo
+        return (self.use_critic and algo.fused_values and algo.epochs == 1 and algo.minibatches == 1
+                and self.state.pp == 1)
+
+    def gae_advantages(self, exp) -> None:
+        """Advantages and returns from the token rewards and old values (advantages whitened over every
+        DP rank's batch)."""
+        algo = self.cfg.algo
+        exp.advantages, exp.returns = rl_math.gae(exp.rewards, exp.old_values, exp.action_mask, algo.gamma, algo.lam)
+        if algo.whiten_advantages:
+            exp.advantages = rl_math.masked_whiten(exp.advantages, exp.action_mask, self.state.dp_group)
 
     def update(self, exp) -> dict:
         """Epochs x minibatches of actor and critic updates. With pipeline stages both models run in
-        one shared schedule (the critic's micro-batches fill the actor's bubbles)."""
+        one shared schedule (the critic's micro-batches fill the actor's bubbles). Without old values
+        (fused_values) the critic goes first: its pass scores the rollout, then the actor's advantages
+        follow from those values."""
         cfg, algo, state = self.cfg, self.cfg.algo, self.state
         gen = torch.Generator().manual_seed(cfg.seed)
         sums: dict[str, float] = {}
@@ -341,12 +359,23 @@ class PPOTrainer:
                 micro = exp.micro_batches(algo.micro_batch_size, mb_idx)
                 scale = 1.0 / len(micro)
                 dp = state.dp_group  # losses are means over every DP rank's tokens; DDP sums the gradients
-                jobs = [PipelineJob(self.actor, actor_forward_step(algo, cfg.rollout.temperature, scale, dp), micro)]
+                values = []
+                actor_job = PipelineJob(self.actor, actor_forward_step(algo, cfg.rollout.temperature, scale, dp), micro)
+                jobs = [actor_job]
                 if self.critic is not None:
-                    jobs.append(PipelineJob(self.critic, critic_forward_step(algo, scale, dp), micro))
+                    jobs.append(PipelineJob(self.critic, critic_forward_step(
+                        algo, scale, dp, on_values=lambda mb, v: values.append(v)), micro))
                 with self.actor_ddp.no_sync() if self.actor_ddp else nullcontext(), \
                         self.critic_ddp.no_sync() if self.critic_ddp else nullcontext():
-                    if state.pp == 1:
+                    if exp.old_values is None and self.critic is not None:  # fused: critic first
+                        critic_stats = forward_backward_no_pipelining(jobs[1].forward_step, self.critic[0], micro)
+                        exp.old_values = torch.empty_like(exp.rewards)
+                        exp.old_values[mb_idx] = torch.cat(values)
+                        self.gae_advantages(exp)
+                        actor_micro = exp.micro_batches(algo.micro_batch_size, mb_idx)
+                        stats = [forward_backward_no_pipelining(actor_job.forward_step, self.actor[0], actor_micro),
+                                 critic_stats]
+                    elif state.pp == 1:
                         stats = [forward_backward_no_pipelining(j.forward_step, j.chunks[0], micro) for j in jobs]
                     else:
                         schedule = "shared" if len(jobs) == 2 else "1f1b"

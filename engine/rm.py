@@ -76,7 +76,7 @@ def pair_batch(pairs, pad_id: int):
 
 def pair_scores(model, pairs, pad_id):
     ids, last = pair_batch(pairs, pad_id)
-    scores = model(ids).float().gather(1, last[:, None]).squeeze(1)
+    scores = model(ids, select=last[:, None]).float().squeeze(1)
     n = len(pairs)
     return scores[:n], scores[n:]
 

@@ -81,10 +81,11 @@ class VLLMRollout:
             hf_cfg["torch_dtype"] = str(chunks[0].dtype).removeprefix("torch.")
             Path(self._dir, "config.json").write_text(json.dumps(hf_cfg))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            if tp_gen > 1:
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1))
-                                                                             for i in range(tp_gen)))
-                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            # vllm-cpu's auto binding reserves a core for its scheduler and gives the worker the rest:
+            # on a small node that halves generation (measured on 2 cores: 5.0 -> 3.5 s for L's
+            # 64 x 128 tokens with both). The trainer waits while vLLM generates, so every core is free.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp_gen))
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             from vllm import LLM
             self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,
                            dtype=hf_cfg["torch_dtype"], tensor_parallel_size=tp_gen, max_model_len=max_model_len,
@@ -127,6 +128,15 @@ class VLLMRollout:
             del self.llm
             self.llm = None
         self.target.close()
+
+
+def cpu_binding(ranks: int, cores: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND giving each of vLLM's ranks an equal contiguous share of this process's
+    cores ("0,1" for one rank on 2 cores, "0|1" for two); ranks share cores when there are fewer cores."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    per = max(1, len(cores) // ranks)
+    return "|".join(",".join(str(c) for c in (cores[r * per:(r + 1) * per] or [cores[r % len(cores)]]))
+                    for r in range(ranks))
 
 
 def _renice_children(niceness: int = 19) -> None:

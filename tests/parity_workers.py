@@ -32,13 +32,17 @@ def logits_at_tp(rank, world, hf_dir, ids, tps, sp):
     return out
 
 
-def grads_at_tp(rank, world, hf_dir, ids, labels, tp, sp):
-    """Loss and per-canonical-tensor gradient slices on this rank: {name: (dim, start, length, grad)}."""
+def grads_at_tp(rank, world, hf_dir, ids, labels, tp, sp, select=None):
+    """Loss and per-canonical-tensor gradient slices on this rank: {name: (dim, start, length, grad)}.
+    With `select` the loss covers the logits at those positions only."""
     state = build_state(rank, tp, 1, world // tp, torch.device("cpu"))
     src = HFSource(hf_dir)
     model = Transformer(src.config, state, sequence_parallel=sp)
     load_into(model, src)
-    loss = vocab_parallel_cross_entropy(model(ids), labels, state.tp_group, model.vocab_start).mean()
+    if select is not None:
+        labels = labels.gather(1, select)
+    logits = model(ids, select=select)
+    loss = vocab_parallel_cross_entropy(logits, labels, state.tp_group, model.vocab_start).mean()
     loss.backward()
     finalize_tp_grads(model.parameters())
     params = dict(model.named_parameters())
@@ -51,10 +55,10 @@ def grads_at_tp(rank, world, hf_dir, ids, labels, tp, sp):
     return loss.item(), grads
 
 
-def values_at_tp2_sp(rank, world, hf_dir, ids):
+def values_at_tp2_sp(rank, world, hf_dir, ids, select=None):
     state = build_state(rank, 2, 1, world // 2, torch.device("cpu"))
     src = HFSource(hf_dir)
     model = Transformer(src.config, state, sequence_parallel=True)
     load_into(model, src)
     with torch.no_grad():
-        return model(ids)
+        return model(ids), model(ids, select=select)

@@ -107,3 +107,29 @@ def test_data_parallel_ppo_matches_one_rank(actor, tmp_path):
             for k in keys:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
     assert one[2]["kl"] != 0
+
+
+def test_fused_values_equal_a_separate_critic_scoring_pass(actor, tmp_path, monkeypatch):
+    """With one on-policy update the critic's update pass supplies the old values (no critic scoring
+    pass); the run is the same as with the scoring pass, step for step."""
+    import engine.ppo as ppo_module
+    critic_scored = []
+    real_score = ppo_module.score
+
+    def spy(exp, forward, actor, ref, critic, *rest):
+        critic_scored.append(critic is not None)
+        return real_score(exp, forward, actor, ref, critic, *rest)
+
+    monkeypatch.setattr(ppo_module, "score", spy)
+    args = _args(actor, tmp_path / "x", "--eval.path=null", "--export_hf=false",
+                 '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3",
+                 "--steps=3", "--algo.epochs=1", "--algo.minibatches=1", "--algo.micro_batch_size=3")
+    fused = ppo(load_config(PPOConfig, None, args))
+    assert critic_scored == [False] * 3
+    separate = ppo(load_config(PPOConfig, None, [*args, "--algo.fused_values=false"]))
+    assert critic_scored[3:] == [True] * 3
+    keys = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "clip_frac", "response_len"]
+    for a, b in zip(fused, separate):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
+    assert separate[2]["value_loss"] != separate[0]["value_loss"]

@@ -38,11 +38,15 @@ def test_tp2_tp4_logits_equal_transformers(tmp_path, sp):
                 assert diff <= 1e-4, f"{arch} tp={tp} sp={sp} rank={rank}: max diff {diff}"
 
 
-def _serial_grads(hf_dir, ids, labels):
+def _serial_grads(hf_dir, ids, labels, select=None):
     src = HFSource(hf_dir)
     model = Transformer(src.config, ParallelState())
     load_into(model, src)
-    loss = vocab_parallel_cross_entropy(model(ids), labels, None).mean()
+    logits = model(ids)
+    if select is not None:  # the reference takes every position's logits, then picks
+        logits = logits.gather(1, select[..., None].expand(-1, -1, logits.shape[-1]))
+        labels = labels.gather(1, select)
+    loss = vocab_parallel_cross_entropy(logits, labels, None).mean()
     loss.backward()
     params = dict(model.named_parameters())
     grads = {}
@@ -92,3 +96,19 @@ def test_training_attention_kernel_matches_torch_sdpa(monkeypatch):
     assert abs(kernel_loss - ref_loss) <= 1e-5
     for n in ref_grads:
         assert torch.allclose(kernel_grads[n], ref_grads[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_outputs_at_selected_positions_equal_tp1_loss_and_gradients(sp, tmp_path):
+    """model(ids, select=positions) (head on those rows only; with SP picked after the head's gather)
+    gives the serial model's logits at those positions: same loss, same gradients."""
+    save_hf_model("llama", tmp_path)
+    vocab = HFSource(tmp_path).config.vocab_size
+    ids, labels = torch.randint(0, vocab, (2, 16)), torch.randint(0, vocab, (2, 16))
+    select = torch.tensor([[3, 4, 5, 15, 0], [9, 9, 10, 11, 12]])
+    ref_loss, ref = _serial_grads(tmp_path, ids, labels, select)
+    for loss, grads in run_ranks(2, parity_workers.grads_at_tp, str(tmp_path), ids, labels, 2, sp, select):
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        for name, (dim, start, length, g) in grads.items():
+            expect = ref[name] if dim is None else ref[name].narrow(dim, start, length)
+            assert (g - expect).abs().max().item() <= 1e-5, name

@@ -33,10 +33,13 @@ def test_value_head_matches_hf_score_at_tp1_and_tp2(tmp_path):
     assert src.config.value_head
     model = Transformer(src.config, ParallelState())
     load_into(model, src)
+    last = torch.tensor([[19], [7]])  # a reward model reads the last real token's value
     with torch.no_grad():
         assert (model(ids) - ref).abs().max() <= 1e-5
-    for values in run_ranks(2, parity_workers.values_at_tp2_sp, str(tmp_path), ids):
+        assert (model(ids, select=last) - ref.gather(1, last)).abs().max() <= 1e-5
+    for values, at_last in run_ranks(2, parity_workers.values_at_tp2_sp, str(tmp_path), ids, last):
         assert (values - ref).abs().max() <= 1e-5
+        assert (at_last - ref.gather(1, last)).abs().max() <= 1e-5
 
 
 @pytest.mark.slow
