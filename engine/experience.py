@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import rl_math
-from parallel.layers import vocab_parallel_entropy, vocab_parallel_log_probs
+from parallel.layers import vocab_parallel_log_probs_and_entropy
 
 
 @dataclass
@@ -57,17 +57,13 @@ def build_experience(prompts: list[list[int]], responses: list[list[int]], valid
     return Experience(ids, action_index, action_mask, last)
 
 
-def action_log_probs(model, logits: torch.Tensor, exp: Experience, temperature: float = 1.0):
-    """Log-probs of the response tokens, [B, R] (vocab-parallel, fp32), from the logits at the positions
-    that predict them (`model(..., select=exp.action_index)`)."""
-    if temperature != 1.0:
-        logits = logits / temperature
+def action_log_probs_and_entropy(model, logits: torch.Tensor, exp: Experience, temperature: float = 1.0):
+    """Log-probs of the response tokens and the policy's entropy at each, [B, R] each (vocab-parallel,
+    fp32, of softmax(logits / temperature)), from the logits at the positions that predict them
+    (`model(..., select=exp.action_index)`)."""
     targets = exp.input_ids.gather(1, exp.action_index + 1)
-    return vocab_parallel_log_probs(logits, targets, model.state.tp_group, model.vocab_start)
-
-
-def action_entropy(model, logits: torch.Tensor) -> torch.Tensor:
-    return vocab_parallel_entropy(logits, model.state.tp_group)
+    return vocab_parallel_log_probs_and_entropy(logits, targets, model.state.tp_group, model.vocab_start,
+                                                temperature)
 
 
 @torch.no_grad()
@@ -79,7 +75,7 @@ def score(exp: Experience, forward, actor, ref, critic, temperature: float, micr
     micro = exp.micro_batches(micro_batch_size)
 
     def logp(model, logits, mb):
-        return action_log_probs(model, logits, mb, temperature)
+        return action_log_probs_and_entropy(model, logits, mb, temperature)[0]
 
     def at_actions(mb):
         return mb.action_index
@@ -98,14 +94,15 @@ def actor_forward_step(cfg, temperature: float, scale: float, group=None):
         logits = model(exp.input_ids, select=exp.action_index)
 
         def loss_fn(logits):
-            logp = action_log_probs(model, logits, exp, temperature)
+            logp, token_entropy = action_log_probs_and_entropy(model, logits, exp, temperature)
             loss, stats = rl_math.policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
                                               cfg.clip_eps, cfg.dual_clip, group)
             if cfg.kl_mode == "loss":
                 kl = rl_math.masked_mean(rl_math.kl_penalty(logp, exp.ref_logp, cfg.kl_estimator), exp.action_mask,
                                          group)
                 loss = loss + cfg.kl_coef * kl
-            entropy = rl_math.masked_mean(action_entropy(model, logits), exp.action_mask, group)
+            entropy = rl_math.masked_mean(token_entropy if cfg.entropy_coef else token_entropy.detach(),
+                                          exp.action_mask, group)
             stats.update(policy_loss=loss.item(), entropy=entropy.item())
             if cfg.entropy_coef:
                 loss = loss - cfg.entropy_coef * entropy

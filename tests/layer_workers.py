@@ -16,7 +16,7 @@ from parallel import comm
 from parallel.grads import finalize_tp_grads
 from parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                              vocab_parallel_cross_entropy, vocab_parallel_entropy,
-                             vocab_parallel_log_probs)
+                             vocab_parallel_log_probs, vocab_parallel_log_probs_and_entropy)
 from parallel.state import build_state
 
 CPU = torch.device("cpu")
@@ -43,13 +43,20 @@ def vocab_losses_local(local: torch.Tensor, target, weight, group, vocab_start) 
     out = {}
     for name, fn in (("ce", lambda z: vocab_parallel_cross_entropy(z, target, group, vocab_start)),
                      ("lp", lambda z: vocab_parallel_log_probs(z, target, group, vocab_start)),
-                     ("ent", lambda z: vocab_parallel_entropy(z, group))):
+                     ("ent", lambda z: vocab_parallel_entropy(z, group)),
+                     ("lp_ent_t", lambda z: _lp_plus_half_entropy(z, target, group, vocab_start))):
         z = local.detach().clone().requires_grad_()
         y = fn(z)
         (g,) = torch.autograd.grad((weight * y).sum(), z)
         out[name] = y.detach()
         out["g_" + name] = g
     return out
+
+
+def _lp_plus_half_entropy(z, target, group, vocab_start):
+    """Both outputs of the fused function at temperature 0.7, so backward gets both gradients."""
+    logp, entropy = vocab_parallel_log_probs_and_entropy(z, target, group, vocab_start, temperature=0.7)
+    return logp + 0.5 * entropy
 
 
 def vocab_losses(rank, world, cases, tps):

@@ -52,6 +52,8 @@ def vocab_reference(full, target, weight):
                                         reduction="none").view(target.shape),
         "lp": lambda z: F.log_softmax(z, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1),
         "ent": lambda z: -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1),
+        "lp_ent_t": lambda z: (F.log_softmax(z / 0.7, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                               - 0.5 * (F.softmax(z / 0.7, -1) * F.log_softmax(z / 0.7, -1)).sum(-1)),
     }
     ref = {}
     for name, fn in fns.items():
@@ -66,7 +68,7 @@ def check_vocab(res, ref, dtype, what):
     start, stop = res["start"], res["stop"]
     tol = {} if dtype == F32 else dict(atol=1e-4, rtol=1e-4)
     gtol = {} if dtype == F32 else dict(atol=1e-2, rtol=1e-2)
-    for name in ("ce", "lp", "ent"):
+    for name in ("ce", "lp", "ent", "lp_ent_t"):
         assert res[name].dtype == torch.float32, f"{what} {name}: output dtype {res[name].dtype}"
         close(res[name], ref[name], f"{what} {name}", **tol)
         g = res["g_" + name]
@@ -263,3 +265,20 @@ def test_matches_megatron_core(tp2, case):
             close(ours["dx"], want_dx, f"{case} input grad rank {r}")
             close(ours["weight"], ref["weight"].chunk(TP, 1)[r], f"{case} weight grad rank {r}")
             close(ours["bias"], ref["bias"], f"{case} bias grad rank {r}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_log_prob_entropy_in_row_chunks_equals_reference(monkeypatch, dtype):
+    """Many row chunks (the last one short), both gradients, a temperature, ignore_index targets."""
+    import parallel.layers as layers
+    monkeypatch.setattr(layers, "CHUNK_ELEMENTS", 3 * 37)
+    logits, target, weight, _ = _vocab_case(37, True, 11)
+    logits, target, weight = logits[0], target[0].clone(), weight[0]
+    target[0, :2] = -100
+    z = logits.to(dtype).requires_grad_()
+    ref = vocab_reference(z.detach().float(), target.clamp(min=0), weight)
+    logp, entropy = layers.vocab_parallel_log_probs_and_entropy(z, target, None, temperature=0.7)
+    (weight * (logp + 0.5 * entropy)).sum().backward()
+    tol = {} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    close(logp + 0.5 * entropy, ref["lp_ent_t"], "fused")
+    close(z.grad.float(), ref["g_lp_ent_t"], "fused grad", **tol)
