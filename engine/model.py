@@ -131,6 +131,13 @@ class Transformer(nn.Module):
             mark_replica(self.embed.weight if self.first else self.head.weight, state.embed_group, grads_partial=True)
         _, self.vocab_start, self.vocab_real = vocab_slice(cfg, state.tp, state.tp_rank)
         self._input_tensor = None
+        self._compiled_layers = None
+
+    def compile_layers(self) -> None:
+        """Run each decoder layer through torch.compile in full-sequence passes (training, scoring);
+        incremental decoding with a KV cache keeps the eager layers. The compiled wrappers share the
+        layers' parameters and are not submodules (state dicts are unchanged)."""
+        self._compiled_layers = [torch.compile(layer) for layer in self.layers.values()]
 
     def set_input_tensor(self, hidden: torch.Tensor) -> None:
         """The activation from the previous pipeline stage (the schedule sets it before each forward)."""
@@ -164,7 +171,10 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(s, device=hidden.device).expand(b, s)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
-        for i, layer in enumerate(self.layers.values()):
+        layers = list(self.layers.values())
+        if self._compiled_layers is not None and kv_cache is None:
+            layers = self._compiled_layers
+        for i, layer in enumerate(layers):
             if kv_cache is not None:
                 hidden = layer(hidden, cos, sin, attention_mask, kv_cache.layer(i))
             elif self.recompute and self.training:

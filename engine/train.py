@@ -52,6 +52,10 @@ class ParallelConfig:
     """Split the residual stream along the sequence across TP ranks (saves activation memory)."""
     recompute: bool = False
     """Recompute each decoder layer in backward instead of storing its activations."""
+    compile: bool = False
+    """torch.compile (inductor) each decoder layer for full-sequence passes: fuses the norms, rotary,
+    SwiGLU and residual adds (PPO L on 2 CPU cores: ~20% faster scoring and training). The first
+    steps pay the compilation."""
 
 
 @dataclass
@@ -143,6 +147,8 @@ def build_chunks(source, model_cfg: ModelConfig, par: ParallelConfig, state: Par
         chunk = Transformer(model_cfg, state, sequence_parallel=par.sequence_parallel, recompute=par.recompute,
                             dtype=DTYPES[dtype], layers=stages[c * state.pp + state.pp_rank])
         ckpt.load_into(chunk, source or ckpt.RandomSource(model_cfg, seed))
+        if par.compile:
+            chunk.compile_layers()
         chunks.append(chunk)
     return chunks
 

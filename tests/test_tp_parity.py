@@ -112,3 +112,29 @@ def test_outputs_at_selected_positions_equal_tp1_loss_and_gradients(sp, tmp_path
         for name, (dim, start, length, g) in grads.items():
             expect = ref[name] if dim is None else ref[name].narrow(dim, start, length)
             assert (g - expect).abs().max().item() <= 1e-5, name
+
+
+def test_compiled_layers_equal_eager_logits_and_gradients(tmp_path):
+    """parallel.compile: inductor-compiled decoder layers give the eager model's logits and gradients
+    (fp32); decoding with a KV cache keeps the eager layers."""
+    save_hf_model("llama", tmp_path)
+    src = HFSource(tmp_path)
+    ids = torch.randint(0, src.config.vocab_size, (2, 16))
+    labels = torch.randint(0, src.config.vocab_size, (2, 16))
+    runs = []
+    for compiled in (False, True):
+        model = Transformer(src.config, ParallelState())
+        load_into(model, src)
+        if compiled:
+            model.compile_layers()
+            torch._dynamo.utils.counters.clear()
+        logits = model(ids)
+        if compiled:  # the layers really went through dynamo
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+        vocab_parallel_cross_entropy(logits, labels, None).mean().backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (eager, eager_grads), (comp, comp_grads) = runs
+    assert (comp - eager).abs().max() <= 1e-5
+    for name, g in eager_grads.items():
+        assert (comp_grads[name] - g).abs().max() <= 1e-5, name
+    assert model._compiled_layers is not None and len(model._compiled_layers) == len(model.layers)

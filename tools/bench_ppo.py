@@ -59,13 +59,15 @@ def _config(size: PPOSize, backend: str, dtype: str, old_logprobs: str):
 
 
 def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 3, warmup: int = 1,
-        old_logprobs: str = "recompute", size_name: str = "custom", vllm_eager: bool = True, log=print) -> dict:
+        old_logprobs: str = "recompute", size_name: str = "custom", vllm_eager: bool = True,
+        compile_layers: bool = False, log=print) -> dict:
     from engine.ppo import PPOTrainer
     from parallel.state import init_parallel
 
     state = init_parallel(1, 1)
     cfg = _config(size, backend, dtype, old_logprobs)
     cfg.rollout.vllm_eager = vllm_eager
+    cfg.parallel.compile = compile_layers
     t0 = time.perf_counter()
     trainer = PPOTrainer(cfg, state, RandomSource(size.model_config(), seed=1),
                          critic_source=RandomSource(size.model_config(value_head=True), seed=2),
@@ -88,7 +90,7 @@ def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 
         log(f"step {i + 1}{' (warmup)' if i < warmup else ''}: " + "  ".join(
             f"{k} {line[k]:.2f}" for k in ("step_s", "gen_s", "sync_s", "score_s", "train_s")))
     res = {"size": size_name, "dims": vars(size), "backend": trainer.rollout.name, "dtype": dtype,
-           "vllm_eager": vllm_eager,
+           "vllm_eager": vllm_eager, "compile": compile_layers,
            "old_logprobs": old_logprobs, "setup_s": round(setup_s, 2), "steps": steps,
            **{k: round(statistics.median(x[k] for x in lines), 4)
               for k in ("step_s", "gen_s", "sync_s", "score_s", "train_s", "gen_tokens_per_s")}}
@@ -121,7 +123,8 @@ def _sync_overhead(trainer, sync_s: float) -> dict:
 
 def format_result(res: dict) -> list[str]:
     lines = [f"bench ppo {res['size']} {res['dims']}  backend {res['backend']}  dtype {res['dtype']}  "
-             f"old log-probs {res['old_logprobs']}  (median of {res['steps']} steps)",
+             f"old log-probs {res['old_logprobs']}{'  compiled layers' if res['compile'] else ''}  "
+             f"(median of {res['steps']} steps)",
              f"step {res['step_s']:.3f} s = generation {res['gen_s']:.3f} + sync {res['sync_s']:.3f} + "
              f"ref/reward/value scoring {res['score_s']:.3f} + training {res['train_s']:.3f}   "
              f"({res['gen_tokens_per_s']:.0f} generated tokens/s)"]
