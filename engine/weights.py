@@ -21,3 +21,23 @@ def local_pieces(chunks) -> list[Piece]:
                 local = local[spec.rows[0]:spec.rows[1]]
             pieces.append(Piece(spec.name, tuple(spec.shape), spec.dim, spec.start, spec.length, local, spec.owner))
     return pieces
+
+
+def adopt_parameters(target, chunks) -> int:
+    """Let every parameter that can live in the shared reshard file live there (all of them at TP = 1;
+    parallel.reshard.SharedTarget.adopt); returns how many moved. Call before taking `local_pieces`."""
+    moved = 0
+    for model in chunks if isinstance(chunks, list) else [chunks]:
+        params = dict(model.named_parameters())
+        by_param: dict[str, list] = {}
+        for spec in model.shard_specs():
+            by_param.setdefault(spec.param, []).append(spec)
+        for name, specs in by_param.items():
+            param = params[name]
+            if any(s.rows is None for s in specs) and len(specs) > 1:
+                continue  # the same whole parameter under several names (not one row block each)
+            pieces = [Piece(s.name, tuple(s.shape), s.dim, s.start, s.length,
+                            param.detach() if s.rows is None else param.detach()[s.rows[0]:s.rows[1]], s.owner)
+                      for s in sorted(specs, key=lambda s: s.rows or (0, 0))]
+            moved += target.adopt(param, pieces)
+    return moved

@@ -61,7 +61,9 @@ class SharedTarget:
     def __init__(self, pieces: list[Piece], group, writer: bool = True):
         metas = [(p.name, tuple(p.shape), str(p.tensor.dtype).removeprefix("torch.")) for p in pieces if p.owner]
         everyone = comm.all_gather_object(metas, group)
-        ordered = sorted({m[0]: m for rank_metas in everyone for m in rank_metas}.values())
+        # in the ranks' piece order: the blocks of one parameter (q, k, v rows of a fused QKV) sit
+        # next to each other, so a parameter can live in the file (see adopt)
+        ordered = list({m[0]: m for rank_metas in everyone for m in rank_metas}.values())
         self.layout = plan(ordered)
         self.size = max((o + n for _, _, o, n in self.layout.values()), default=1)
         path = None
@@ -73,21 +75,47 @@ class SharedTarget:
         self.path = comm.broadcast_object(path, group)
         self.buf = torch.from_file(self.path, shared=True, size=self.size, dtype=torch.uint8)
         self.group, self.writer = group, writer
-        self.last_bytes = 0
+        self.last_bytes = self.last_copied = 0
+
+    def _destination(self, p: Piece) -> torch.Tensor:
+        full = view(self.buf, self.layout[p.name])
+        return full if p.dim is None else full.narrow(p.dim, p.start, p.length)
+
+    def adopt(self, param: torch.Tensor, pieces: list[Piece]) -> bool:
+        """Move `param`'s storage into the file when its pieces (consecutive row blocks of it, in
+        order) are adjacent contiguous blocks there, as every parameter's are at TP = 1. The optimizer's
+        writes then land in place and `write` has nothing to copy for it. Returns whether it moved."""
+        if not self.writer or not pieces or not all(p.owner for p in pieces) or not param.is_contiguous():
+            return False
+        regions = [self._destination(p) for p in pieces]
+        ptr = regions[0].data_ptr()
+        for r in regions:
+            if not r.is_contiguous() or r.dtype != param.dtype or r.data_ptr() != ptr:
+                return False
+            ptr += r.numel() * r.element_size()
+        if sum(r.numel() for r in regions) != param.numel():
+            return False
+        offset = regions[0].data_ptr() - self.buf.data_ptr()
+        home = self.buf[offset:offset + param.numel() * param.element_size()].view(param.dtype).view(param.shape)
+        home.copy_(param.detach())
+        param.data = home
+        return True
 
     def write(self, pieces: list[Piece]) -> int:
-        """Copy this rank's owned slices into place; returns the bytes this rank wrote."""
-        written = 0
+        """Copy this rank's owned slices into place (those of adopted parameters are there already);
+        returns the bytes this rank contributes to the file."""
+        written = copied = 0
         if self.writer:
             for p in pieces:
                 if not p.owner or p.length == 0:
                     continue
-                full = view(self.buf, self.layout[p.name])
-                dst = full if p.dim is None else full.narrow(p.dim, p.start, p.length)
-                dst.copy_(p.tensor.reshape(dst.shape))
+                dst = self._destination(p)
+                if dst.data_ptr() != p.tensor.data_ptr():
+                    dst.copy_(p.tensor.reshape(dst.shape))
+                    copied += p.tensor.numel() * p.tensor.element_size()
                 written += p.tensor.numel() * p.tensor.element_size()
         comm.barrier(self.group)
-        self.last_bytes = written
+        self.last_bytes, self.last_copied = written, copied
         return written
 
     def tensors(self) -> dict[str, torch.Tensor]:

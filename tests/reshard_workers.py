@@ -5,6 +5,7 @@ from engine.checkpoint import RandomSource, load_into
 from engine.rollout import VLLMRollout
 from engine.sampler import SamplingParams
 from engine.train import ParallelConfig, build_chunks
+from parallel.reshard import Piece
 from parallel.state import build_state
 
 
@@ -20,3 +21,32 @@ def vllm_greedy_after_reshard(rank, world, cfg, prompts, tp_gen):
         return {"responses": out.responses, "bytes": vllm.last_sync_bytes, "model_bytes": vllm.target.model_bytes()}
     finally:
         vllm.close()
+
+
+def shared_file_with_adoption(rank, world, cfg, tp, dtype):
+    """The shared file as the rollout fills it (parameters adopted where possible, then updated in
+    place like an optimizer step) against a plain target written from copies of the same weights."""
+    from engine.weights import adopt_parameters, local_pieces
+    from parallel.reshard import SharedTarget
+
+    state = build_state(rank, tp, 1, world // tp, torch.device("cpu"))
+    model = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=tp), state, dtype)[0]
+    target = SharedTarget(local_pieces(model), state.tp_group)
+    before = [p.detach().clone() for p in model.parameters()]
+    moved = adopt_parameters(target, model)
+    kept = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    pieces = local_pieces(model)
+    target.write(pieces)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.mul_(0.5).add_(i)  # in place, as the optimizer writes
+    written = target.write(pieces)
+    copied = target.last_copied
+    plain = SharedTarget(local_pieces([model]), state.tp_group)
+    plain.write([Piece(**{**vars(p), "tensor": p.tensor.clone()}) for p in local_pieces(model)])
+    same = {n: torch.equal(t, plain.tensors()[n]) for n, t in target.tensors().items()}
+    out = {"moved": moved, "kept": kept, "params": len(list(model.parameters())), "written": written, "copied": copied,
+           "same": same, "names": sorted(target.tensors()) == sorted(plain.tensors())}
+    target.close()
+    plain.close()
+    return out
