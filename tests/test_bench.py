@@ -105,3 +105,13 @@ def test_attention_kernel_matches_sdpa(dtype):
     mask = torch.ones(300, 300, dtype=torch.bool).tril()
     a = scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask)
     assert torch.allclose(a.float(), F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask).float())
+
+
+def test_bench_ppo_native_tiny_reports_every_phase(capsys):
+    assert bench.main(["ppo", "--size", "tiny", "--backend", "native", "--prompt-len", "8", "--steps", "1",
+                       "--warmup", "0"]) == 0
+    res = _last_json(capsys)
+    assert res["backend"] == "native" and res["dims"]["prompt_len"] == 8
+    parts = res["gen_s"] + res["sync_s"] + res["score_s"] + res["train_s"]
+    assert res["step_s"] == pytest.approx(parts, rel=1e-3) and min(res["gen_s"], res["score_s"], res["train_s"]) > 0
+    assert res["speedup_vs_trl"] == pytest.approx(res["trl_step_s"] / res["step_s"], rel=1e-2)

@@ -28,10 +28,13 @@ def test_vllm_cpu_binding_shares_the_cores_and_leaves_the_environment_alone(monk
     import os
 
     from engine.rollout import _env_defaults, cpu_binding
-    assert cpu_binding(1, [0, 1]) == "0,1"
-    assert cpu_binding(2, [0, 1]) == "0|1"
-    assert cpu_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
-    assert cpu_binding(4, [0, 1]) == "0|1|0|1"  # fewer cores than ranks: they share
+    assert cpu_binding(1, cores=[0, 1]) == "0,1"
+    assert cpu_binding(2, cores=[0, 1]) == "0|1"
+    assert cpu_binding(2, cores=[0, 1, 2, 3, 4]) == "0,1|2,3"
+    assert cpu_binding(4, cores=[0, 1]) == "0|1|0|1"  # fewer cores than ranks: they share
+    assert cpu_binding(1, reserve=1, cores=[0, 1]) == "0"  # one core left to vLLM's scheduler
+    assert cpu_binding(2, reserve=1, cores=[0, 1, 2, 3, 4]) == "0,1|2,3"
+    assert cpu_binding(1, reserve=4, cores=[0, 1]) == "0"  # never fewer than one
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     with _env_defaults({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0,1"}):

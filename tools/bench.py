@@ -71,6 +71,8 @@ def _ppo_parser(sub) -> argparse.ArgumentParser:
                    help="old log-probs re-scored by the actor (default) or taken from the generator")
     p.add_argument("--vllm-compile", action="store_true",
                    help="let vLLM compile its model (slower start, faster decoding) instead of eager mode")
+    p.add_argument("--vllm-cpu-reserve", type=int, default=0, metavar="N",
+                   help="CPU cores vLLM's worker leaves to its scheduler (rollout.vllm_cpu_reserve; default 0)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the four models' decoder layers (parallel.compile; compiles in warmup)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
@@ -123,7 +125,7 @@ def ppo(args) -> int:
         from engine.rollout import vllm_available
         backend = "vllm" if vllm_available() else "native"
     res = run(size, backend, args.dtype, args.steps, args.warmup, args.old_logprobs, args.size,
-              vllm_eager=not args.vllm_compile, compile_layers=args.compile)
+              vllm_eager=not args.vllm_compile, compile_layers=args.compile, vllm_cpu_reserve=args.vllm_cpu_reserve)
     return _report(format_result(res), res)
 
 

@@ -60,7 +60,7 @@ def _config(size: PPOSize, backend: str, dtype: str, old_logprobs: str):
 
 def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 3, warmup: int = 1,
         old_logprobs: str = "recompute", size_name: str = "custom", vllm_eager: bool = True,
-        compile_layers: bool = False, log=print) -> dict:
+        compile_layers: bool = False, vllm_cpu_reserve: int = 0, log=print) -> dict:
     from engine.ppo import PPOTrainer
     from parallel.state import init_parallel
 
@@ -68,6 +68,7 @@ def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 
     cfg = _config(size, backend, dtype, old_logprobs)
     cfg.rollout.vllm_eager = vllm_eager
     cfg.parallel.compile = compile_layers
+    cfg.rollout.vllm_cpu_reserve = vllm_cpu_reserve
     t0 = time.perf_counter()
     trainer = PPOTrainer(cfg, state, RandomSource(size.model_config(), seed=1),
                          critic_source=RandomSource(size.model_config(value_head=True), seed=2),
@@ -90,7 +91,7 @@ def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 
         log(f"step {i + 1}{' (warmup)' if i < warmup else ''}: " + "  ".join(
             f"{k} {line[k]:.2f}" for k in ("step_s", "gen_s", "sync_s", "score_s", "train_s")))
     res = {"size": size_name, "dims": vars(size), "backend": trainer.rollout.name, "dtype": dtype,
-           "vllm_eager": vllm_eager, "compile": compile_layers,
+           "vllm_eager": vllm_eager, "compile": compile_layers, "vllm_cpu_reserve": vllm_cpu_reserve,
            "old_logprobs": old_logprobs, "setup_s": round(setup_s, 2), "steps": steps,
            **{k: round(statistics.median(x[k] for x in lines), 4)
               for k in ("step_s", "gen_s", "sync_s", "score_s", "train_s", "gen_tokens_per_s")}}
@@ -103,22 +104,27 @@ def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 
     return res
 
 
-def _sync_overhead(trainer, sync_s: float) -> dict:
-    """vLLM's own `reload_weights` of the same tensors, already deserialised inside its worker: timed
-    around the RPC (what any caller of vLLM pays) and inside the worker (the reload alone)."""
+def _sync_overhead(trainer, step_sync_s: float, rounds: int = 5) -> dict:
+    """Our whole sync against vLLM's own `reload_weights` of the same tensors, already deserialised
+    inside its worker, timed under the same conditions: alternating, back to back (vLLM's worker answers
+    an RPC faster within ~1 s of its last one, so a sync right after a training step, `step_sync_s`,
+    also pays that wake-up). The reload is timed around the RPC (what any caller of vLLM pays) and
+    inside the worker (the reload alone)."""
     from safetensors.torch import save
 
-    llm = trainer.rollout.llm
-    llm.collective_rpc("trident_stage", args=(save({k: v.clone() for k, v in trainer.rollout.target.tensors().items()}),))
-    outer, inner = [], []
-    for _ in range(3):
+    rollout, llm = trainer.rollout, trainer.rollout.llm
+    llm.collective_rpc("trident_stage", args=(save({k: v.clone() for k, v in rollout.target.tensors().items()}),))
+    ours, outer, inner = [], [], []
+    for _ in range(rounds):
+        ours.append(rollout.sync(trainer.actor))
         t0 = time.perf_counter()
         inner.append(max(llm.collective_rpc("trident_reload_staged")))
         outer.append(time.perf_counter() - t0)
-    rpc_s, inside_s = statistics.median(outer), statistics.median(inner)
-    return {"reload_weights_s": round(rpc_s, 4), "reload_weights_inside_worker_s": round(inside_s, 4),
+    sync_s, rpc_s, inside_s = statistics.median(ours), statistics.median(outer), statistics.median(inner)
+    return {"sync_back_to_back_s": round(sync_s, 4), "step_sync_s": round(step_sync_s, 4),
+            "reload_weights_s": round(rpc_s, 4), "reload_weights_inside_worker_s": round(inside_s, 4),
             "sync_overhead": round(sync_s / rpc_s, 3), "sync_overhead_vs_inside": round(sync_s / inside_s, 3),
-            "sync_bytes": trainer.rollout.last_sync_bytes}
+            "sync_bytes": rollout.last_sync_bytes, "sync_bytes_copied": rollout.target.last_copied}
 
 
 def format_result(res: dict) -> list[str]:
@@ -129,10 +135,11 @@ def format_result(res: dict) -> list[str]:
              f"ref/reward/value scoring {res['score_s']:.3f} + training {res['train_s']:.3f}   "
              f"({res['gen_tokens_per_s']:.0f} generated tokens/s)"]
     if "sync_overhead" in res:
-        lines.append(f"weight sync {res['sync_s']:.4f} s vs vLLM reload_weights of the same tensors "
-                     f"{res['reload_weights_s']:.4f} s (RPC included; {res['reload_weights_inside_worker_s']:.4f} s "
-                     f"inside the worker): {res['sync_overhead']:.2f}x ({res['sync_overhead_vs_inside']:.2f}x)  "
-                     f"({res['sync_bytes'] / 1e6:.1f} MB)")
+        lines.append(f"weight sync {res['sync_back_to_back_s']:.4f} s vs vLLM reload_weights of the same tensors "
+                     f"{res['reload_weights_s']:.4f} s (alternating back to back; RPC included; "
+                     f"{res['reload_weights_inside_worker_s']:.4f} s inside the worker): {res['sync_overhead']:.2f}x "
+                     f"({res['sync_overhead_vs_inside']:.2f}x)  ({res['sync_bytes'] / 1e6:.1f} MB placed, "
+                     f"{res['sync_bytes_copied'] / 1e6:.1f} MB copied; {res['step_sync_s']:.4f} s after a training step)")
     if "speedup_vs_trl" in res:
         lines.append(f"TRL 1.12 PPOTrainer, same settings: {res['trl_step_s']:.2f} s/step -> "
                      f"{res['speedup_vs_trl']:.2f}x faster")
