@@ -9,17 +9,21 @@ from __future__ import annotations
 from parallel.reshard import Piece
 
 
+def _piece(spec, param) -> Piece:
+    """The spec's slice of `param` (a view, no copy) as a reshard piece."""
+    local = param.detach()
+    if spec.rows is not None:
+        local = local[spec.rows[0]:spec.rows[1]]
+    return Piece(spec.name, tuple(spec.shape), spec.dim, spec.start, spec.length, local, spec.owner)
+
+
 def local_pieces(chunks) -> list[Piece]:
     """Pieces of this rank's model chunks (a model or a list of pipeline chunks), views of the
     parameters (no copies)."""
     pieces = []
     for model in chunks if isinstance(chunks, list) else [chunks]:
         params = dict(model.named_parameters())
-        for spec in model.shard_specs():
-            local = params[spec.param].detach()
-            if spec.rows is not None:
-                local = local[spec.rows[0]:spec.rows[1]]
-            pieces.append(Piece(spec.name, tuple(spec.shape), spec.dim, spec.start, spec.length, local, spec.owner))
+        pieces += [_piece(spec, params[spec.param]) for spec in model.shard_specs()]
     return pieces
 
 
@@ -36,8 +40,6 @@ def adopt_parameters(target, chunks) -> int:
             param = params[name]
             if any(s.rows is None for s in specs) and len(specs) > 1:
                 continue  # the same whole parameter under several names (not one row block each)
-            pieces = [Piece(s.name, tuple(s.shape), s.dim, s.start, s.length,
-                            param.detach() if s.rows is None else param.detach()[s.rows[0]:s.rows[1]], s.owner)
-                      for s in sorted(specs, key=lambda s: s.rows or (0, 0))]
+            pieces = [_piece(s, param) for s in sorted(specs, key=lambda s: s.rows or (0, 0))]
             moved += target.adopt(param, pieces)
     return moved

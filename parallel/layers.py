@@ -148,6 +148,17 @@ instead of a few [tokens, vocab] fp32 copies (measured on PPO L's 8192 x 4096 lo
 casts, shifts and exps took ~1.5 s per update)."""
 
 
+def _shifted_chunks(x: torch.Tensor, rows: int, inv_temp: float, ymax: torch.Tensor):
+    """Row chunks of y = x / T - max as fresh fp32 tensors (never in place on the logits): (r0, r1, y)."""
+    n = x.shape[0]
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        y = x[r0:r1].to(torch.float32, copy=True)
+        if inv_temp != 1.0:
+            y.mul_(inv_temp)
+        yield r0, r1, y.sub_(ymax[r0:r1, None])
+
+
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     """log softmax(z / T)[target] and the entropy of softmax(z / T), z a vocab slice per rank, fp32.
 
@@ -163,14 +174,10 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         rows = max(1, CHUNK_ELEMENTS // max(per_rank, 1))
         ymax = comm.all_reduce(x.amax(dim=-1).float() * inv_temp, group, "max")
         sums = torch.zeros(3, n, dtype=torch.float32, device=x.device)  # sum exp(y), sum exp(y) y, y[target]
-        for r0 in range(0, n, rows):
-            y = x[r0:r0 + rows].to(torch.float32, copy=True)  # never in place on the logits
-            if inv_temp != 1.0:
-                y.mul_(inv_temp)
-            y.sub_(ymax[r0:r0 + rows, None])
+        for r0, r1, y in _shifted_chunks(x, rows, inv_temp, ymax):
             e = torch.exp(y)
-            sums[0, r0:r0 + rows] = e.sum(dim=-1)
-            sums[1, r0:r0 + rows] = e.mul_(y).sum(dim=-1)
+            sums[0, r0:r1] = e.sum(dim=-1)
+            sums[1, r0:r1] = e.mul_(y).sum(dim=-1)
         if target is None:
             local = outside = None
         else:
@@ -193,16 +200,10 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy):
         logits, ymax, lse, mean_y, local, outside = ctx.saved_tensors
         x = logits.reshape(-1, logits.shape[-1])
-        n = x.shape[0]
         g_logp = None if g_logp is None else g_logp.reshape(-1).float()
         g_entropy = None if g_entropy is None else g_entropy.reshape(-1).float()
         grad = torch.empty_like(x)
-        for r0 in range(0, n, ctx.rows):
-            r1 = min(r0 + ctx.rows, n)
-            y = x[r0:r1].to(torch.float32, copy=True)
-            if ctx.inv_temp != 1.0:
-                y.mul_(ctx.inv_temp)
-            y.sub_(ymax[r0:r1, None])
+        for r0, r1, y in _shifted_chunks(x, ctx.rows, ctx.inv_temp, ymax):
             p = torch.exp(y - lse[r0:r1, None])
             if g_entropy is not None:  # -p (g_logp + g_ent (y - E y))
                 coef = y.sub_(mean_y[r0:r1, None]).mul_(g_entropy[r0:r1, None])
