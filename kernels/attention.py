@@ -15,13 +15,25 @@ The softmax probabilities of each row block are kept (input dtype, [b*h, rows, k
 than recomputed in backward: one score computation less per block for 2 bytes per unmasked score. The
 output is laid out [b, s, h, d] in memory, so the caller's transpose(1, 2).reshape is a view.
 
+bf16 on CPUs with AVX512-BF16 goes to the fused C++ kernel in csrc/attention_cpu.cpp instead (built
+on first use with torch's cpp_extension, ~10 s, cached): one head at a time in cache, no copies,
+S and dP at fp32 accuracy from vdpbf16ps, P recomputed in backward from the log-sum-exp. At PPO L's
+shape (b=64, h=8, s=192, d=64) forward + backward take 34 ms against 115 ms for the blocked kernel
+and forward alone 11 ms against 38 ms for torch's SDPA. Set TRIDENT_CPU_KERNELS=0 to turn it off; a
+failed build warns once and falls back.
+
 `scaled_dot_product_attention` has the signature of torch's and falls back to it whenever the fast
-path does not apply (explicit masks, dropout, no grad needed, short sequences, non-CPU tensors). The
-kernel is a torch.library custom op (forward and backward), so torch.compile keeps it as one call.
+path does not apply (explicit masks, dropout, non-CPU tensors; for fp32 also no grad needed or short
+sequences). Both kernels are torch.library custom ops (forward and backward), so torch.compile keeps
+each as one call.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -164,24 +176,111 @@ def _attention_grad(ctx, g_out, _g_probs):
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
 
 
+# ---- the fused C++ kernel (bf16, AVX512-BF16) ------------------------------------------------------
+
+_SOURCE = Path(__file__).with_name("csrc") / "attention_cpu.cpp"
+_ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def native_kernel_available() -> bool:
+    """Build (once per machine, cached by torch) and load csrc/attention_cpu.cpp; False where it cannot
+    run: TRIDENT_CPU_KERNELS=0, no AVX512-BF16, or a failed build (warned once)."""
+    if os.environ.get("TRIDENT_CPU_KERNELS", "1") == "0" or not {"avx512_bf16", "avx512bw"} <= _cpu_flags():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="trident_attention_cpu", sources=[str(_SOURCE)], is_python_module=False,
+             extra_cflags=["-O3", "-fopenmp", *_ISA], extra_ldflags=["-fopenmp"])
+        return True
+    except Exception as e:  # noqa: BLE001 - any build or load failure means: use the Python kernel
+        warnings.warn(f"trident: fused CPU attention unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                      "using the blocked Python kernel", RuntimeWarning, stacklevel=2)
+        return False
+
+
+@torch.library.custom_op("trident::fused_causal_attention", mutates_args=())
+def _fused_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.trident_cpu.causal_attention_forward(q, k, v, scale)
+
+
+@_fused_op.register_fake
+def _(q, k, v, scale):
+    b, h, s, d = q.shape
+    return q.new_empty(b, s, h, d).transpose(1, 2), q.new_empty(b, h, s, dtype=torch.float32)
+
+
+@torch.library.custom_op("trident::fused_causal_attention_backward", mutates_args=())
+def _fused_backward_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.trident_cpu.causal_attention_backward(g, q, k, v, lse, scale)
+
+
+@_fused_backward_op.register_fake
+def _(g, q, k, v, lse, scale):
+    b, h, s, d = q.shape
+    return tuple(q.new_empty(b, s, h, d).transpose(1, 2) for _ in range(3))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.scale = scale
+
+
+def _fused_grad(ctx, g_out, _g_lse):
+    q, k, v, lse = ctx.saved_tensors
+    return (*_fused_backward_op(g_out, q, k, v, lse, ctx.scale), None)
+
+
+_fused_op.register_autograd(_fused_grad, setup_context=_fused_setup_context)
+
+
+def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """causal_attention through the C++ kernel: bf16 q, k, v [b, h, s, d] (unit last stride, d % 16 == 0)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _fused_op(q, k, v, float(scale))[0]
+
+
+def _fused_applies(q: torch.Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and native_kernel_available()
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      block: int = BLOCK) -> torch.Tensor:
-    """softmax(q k^T * scale + causal mask) v for q, k, v [b, h, s, d] with equal head counts."""
+    """softmax(q k^T * scale + causal mask) v for q, k, v [b, h, s, d] with equal head counts (the
+    blocked Python kernel)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _attention_op(q, k, v, float(scale), int(block))[0]
 
 
 def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """Drop-in for F.scaled_dot_product_attention: the blocked kernel for causal training on CPU."""
-    fast = (is_causal and attn_mask is None and dropout_p == 0.0 and q.device.type == "cpu"
-            and q.shape[-2] == k.shape[-2] and q.shape[-2] >= MIN_SEQ and q.dim() == 4
-            and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype
-            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    if not fast:
+    """Drop-in for F.scaled_dot_product_attention: our kernels for causal self-attention on CPU."""
+    causal = (is_causal and attn_mask is None and dropout_p == 0.0 and q.device.type == "cpu" and q.dim() == 4
+              and q.shape[-2] == k.shape[-2] and q.dtype == k.dtype == v.dtype)
+    fused = causal and _fused_applies(q)
+    blocked = (causal and not fused and q.shape[-2] >= MIN_SEQ and q.dtype in (torch.float32, torch.bfloat16)
+               and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    if not (fused or blocked):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if enable_gqa and k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if fused:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return fused_causal_attention(q, k, v, scale)
     return causal_attention(q, k, v, scale)

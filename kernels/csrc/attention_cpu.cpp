@@ -1,0 +1,371 @@
+// Fused causal attention for CPU training in bf16 (forward and backward), AVX512-BF16.
+//
+// One head at a time, everything for that head in L1/L2: query rows in blocks of BQ; per block the
+// scores S = Q K^T over the keys it can see (causal), softmax, O = P V. Backward recomputes P from
+// the saved log-sum-exp (flash-attention style) and accumulates dK and dV over the blocks in fp32.
+//
+// Every product is one micro-GEMM, C[m][n] (+)= sum_p A(m, p) . B(p, n), on bf16 *pairs*: the
+// AVX512-BF16 dot product vdpbf16ps multiplies two bf16 pairs and adds both products into an fp32
+// lane. A(m, p) is the pair (A[m][2p], A[m][2p+1]) at A + m*sam + p*sap; B is "pair-packed",
+// B(p, n..n+15) = 32 bf16 at B + p*sbp + 2n. Operands whose reduction index runs down their rows
+// (K for S, V for O, ...) are packed once per head by interleaving two rows; P and dS are written by
+// the softmax straight into the layouts their GEMMs read. Products of bf16 are exact in fp32, so S and
+// dP carry fp32 accuracy; P and dS are rounded to bf16 for the next products, as torch's flash kernel
+// does.
+//
+// Shapes: q, k, v [b, h, s, d] bf16 (any strides with a unit last stride), d % 16 == 0.
+// Outputs are laid out [b, s, h, d] in memory (the model's out.transpose(1, 2).reshape is a view).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int BQ = 64;  // query rows per block
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---- micro-GEMM ----------------------------------------------------------------------------------
+
+template <int MR, int NV>
+inline void gemm_tile(int64_t k2, const bf16* a, int64_t sam, int64_t sap, const bf16* b, int64_t sbp,
+                      float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < k2; ++p) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * sbp + 32 * v);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, a + m * sam + p * sap, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], av, bv[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + 16 * v, acc[m][v]);
+}
+
+template <int MR>
+inline void gemm_rows(int64_t n, int64_t k2, const bf16* a, int64_t sam, int64_t sap, const bf16* b,
+                      int64_t sbp, float* c, int64_t ldc, bool accumulate) {
+  int64_t n0 = 0;
+  for (; n0 + 64 <= n; n0 += 64) gemm_tile<MR, 4>(k2, a, sam, sap, b + 2 * n0, sbp, c + n0, ldc, accumulate);
+  switch ((n - n0) / 16) {
+    case 3: gemm_tile<MR, 3>(k2, a, sam, sap, b + 2 * n0, sbp, c + n0, ldc, accumulate); break;
+    case 2: gemm_tile<MR, 2>(k2, a, sam, sap, b + 2 * n0, sbp, c + n0, ldc, accumulate); break;
+    case 1: gemm_tile<MR, 1>(k2, a, sam, sap, b + 2 * n0, sbp, c + n0, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// C[m][0:n] (+)= sum_{p < k2} A(m, p) . B(p, 0:n) for m < rows; n a multiple of 16.
+void gemm(int64_t rows, int64_t n, int64_t k2, const bf16* a, int64_t sam, int64_t sap, const bf16* b,
+          int64_t sbp, float* c, int64_t ldc, bool accumulate) {
+  constexpr int MR = 6;
+  int64_t m0 = 0;
+  for (; m0 + MR <= rows; m0 += MR)
+    gemm_rows<MR>(n, k2, a + m0 * sam, sam, sap, b, sbp, c + m0 * ldc, ldc, accumulate);
+  const bf16* at = a + m0 * sam;
+  float* ct = c + m0 * ldc;
+  switch (rows - m0) {
+    case 5: gemm_rows<5>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+    case 4: gemm_rows<4>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+    case 3: gemm_rows<3>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+    case 2: gemm_rows<2>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+    case 1: gemm_rows<1>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// ---- packing ---------------------------------------------------------------------------------------
+
+// Interleave 16 bf16 of row x with 16 of row y: (x0, y0, x1, y1, ...), one pair per fp32 lane.
+inline __m512i interleave(__m256i x, __m256i y) {
+  static const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                              39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(x), idx, _mm512_castsi256_si512(y));
+}
+
+// dst(p, 0:ncols) = rows 2p and 2p+1 of src interleaved, for p < ceil(rows / 2); a missing odd row is
+// zero. ncols is a multiple of 16.
+void pack_row_pairs(const bf16* src, int64_t ld, int64_t rows, int64_t ncols, bf16* dst, int64_t sbp) {
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t r = 0; r < rows; r += 2) {
+    const bf16* x = src + r * ld;
+    const bf16* y = r + 1 < rows ? x + ld : nullptr;
+    bf16* out = dst + (r / 2) * sbp;
+    for (int64_t c = 0; c < ncols; c += 16) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c));
+      const __m256i yv = y ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + c)) : zero;
+      _mm512_storeu_si512(out + 2 * c, interleave(xv, yv));
+    }
+  }
+}
+
+// dst(p, j) = (src[j][2p], src[j][2p+1]) for j < rows (the pair-packed transpose), zero for
+// rows <= j < ncap; d even.
+void pack_transposed(const bf16* src, int64_t ld, int64_t rows, int64_t d, bf16* dst, int64_t ncap) {
+  const int64_t sbp = 2 * ncap;
+  for (int64_t p = 0; p < d / 2; ++p) {
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst + p * sbp);
+    for (int64_t j = 0; j < rows; ++j) std::memcpy(out + j, src + j * ld + 2 * p, 4);
+    for (int64_t j = rows; j < ncap; ++j) out[j] = 0;
+  }
+}
+
+// ---- elementwise -------------------------------------------------------------------------------------
+
+// e^x for x <= 0 (softmax arguments), ~1e-7 relative: 2^n * e^(f ln 2) with |f| <= 1/2, degree-7 Taylor.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n, 0 for n below the denormal range
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// P[j] = exp(scale * S[j] - lse) for j < n in place; returns nothing. Columns n.. are zeroed up to ncap.
+inline void probs_in_place(float* s, int64_t n, int64_t ncap, float scale, float lse) {
+  const __m512 sc = _mm512_set1_ps(scale), off = _mm512_set1_ps(-lse);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 x = _mm512_maskz_loadu_ps(k, s + j);
+    _mm512_mask_storeu_ps(s + j, k, exp_ps(_mm512_fmadd_ps(x, sc, off)));
+  }
+  std::fill(s + n, s + ncap, 0.f);
+}
+
+// Row softmax of scale * S[0:n] in place (zero from n to ncap); returns the log-sum-exp.
+inline float softmax_in_place(float* s, int64_t n, int64_t ncap, float scale) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - j), s + j));
+  const float m = _mm512_reduce_max_ps(mx) * scale;
+  const __m512 sc = _mm512_set1_ps(scale), off = _mm512_set1_ps(-m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 e = exp_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s + j), sc, off));
+    const __m512 e0 = _mm512_maskz_mov_ps(k, e);
+    sum = _mm512_add_ps(sum, e0);
+    _mm512_mask_storeu_ps(s + j, k, e0);
+  }
+  const float total = _mm512_reduce_add_ps(sum);
+  const __m512 inv = _mm512_set1_ps(1.f / total);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
+    _mm512_mask_storeu_ps(s + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), inv));
+  }
+  std::fill(s + n, s + ncap, 0.f);
+  return m + std::log(total);
+}
+
+// bf16 rows of an fp32 [rows][ncols] buffer (ncols % 16 == 0) into dst (row stride ldd).
+void rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64_t ncols, bf16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < ncols; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ldd + c), to_bf16(_mm512_loadu_ps(src + r * ld + c)));
+}
+
+// Pair-packed bf16 of an fp32 [rows][ncols] buffer: dst(p, j) = (src[2p][j], src[2p+1][j]).
+void pack_rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64_t ncols, bf16* dst, int64_t sbp) {
+  for (int64_t r = 0; r < rows; r += 2)
+    for (int64_t c = 0; c < ncols; c += 16) {
+      const __m256i x = to_bf16(_mm512_loadu_ps(src + r * ld + c));
+      const __m256i y = r + 1 < rows ? to_bf16(_mm512_loadu_ps(src + (r + 1) * ld + c)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + (r / 2) * sbp + 2 * c, interleave(x, y));
+    }
+}
+
+// ---- per-head kernels ----------------------------------------------------------------------------------
+
+struct Head {
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  int64_t ldq, ldk, ldv;  // row strides (elements)
+};
+
+struct Scratch {
+  std::vector<float> s, dp, acc_k, acc_v, tmp;
+  std::vector<bf16> kt, vt, kp, vp, a, apk, bpk;
+};
+
+void head_forward(const Head& hd, int64_t s, int64_t d, float scale, bf16* out, int64_t ldo, float* lse,
+                  Scratch& w) {
+  const int64_t np = round_up(s, 16);
+  w.kt.resize(d * np);
+  w.vp.resize(round_up(s, 2) * d);
+  w.s.resize(BQ * np);
+  w.a.resize(BQ * np);
+  w.tmp.resize(BQ * d);
+  pack_transposed(hd.k, hd.ldk, s, d, w.kt.data(), np);   // B for S = Q K^T
+  pack_row_pairs(hd.v, hd.ldv, s, d, w.vp.data(), 2 * d);  // B for O = P V
+  for (int64_t r0 = 0; r0 < s; r0 += BQ) {
+    const int64_t rows = std::min<int64_t>(BQ, s - r0), keys = r0 + rows;
+    const int64_t ncols = round_up(keys, 16), kpairs = (keys + 1) / 2;
+    gemm(rows, ncols, d / 2, hd.q + r0 * hd.ldq, hd.ldq, 2, w.kt.data(), 2 * np, w.s.data(), np, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* srow = w.s.data() + i * np;
+      lse[r0 + i] = softmax_in_place(srow, r0 + i + 1, ncols, scale);
+    }
+    rows_to_bf16(w.s.data(), np, rows, ncols, w.a.data(), np);
+    gemm(rows, d, kpairs, w.a.data(), np, 2, w.vp.data(), 2 * d, w.tmp.data(), d, false);
+    rows_to_bf16(w.tmp.data(), d, rows, d, out + r0 * ldo, ldo);
+  }
+}
+
+void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
+                   int64_t s, int64_t d, float scale, bf16* dq, bf16* dk, bf16* dv, int64_t ldd, Scratch& w) {
+  const int64_t np = round_up(s, 16), sp = round_up(s, 2);
+  w.kt.resize(d * np);
+  w.vt.resize(d * np);
+  w.kp.resize(sp * d);
+  w.s.resize(BQ * np);
+  w.dp.resize(BQ * np);
+  w.a.resize(BQ * np);
+  w.apk.resize(BQ * np);
+  w.bpk.resize(BQ * d);
+  w.tmp.resize(BQ * d);
+  w.acc_k.assign(np * d, 0.f);
+  w.acc_v.assign(np * d, 0.f);
+  pack_transposed(hd.k, hd.ldk, s, d, w.kt.data(), np);   // B for S = Q K^T
+  pack_transposed(hd.v, hd.ldv, s, d, w.vt.data(), np);   // B for dP = dO V^T
+  pack_row_pairs(hd.k, hd.ldk, s, d, w.kp.data(), 2 * d);  // B for dQ = dS K
+  for (int64_t r0 = 0; r0 < s; r0 += BQ) {
+    const int64_t rows = std::min<int64_t>(BQ, s - r0), keys = r0 + rows;
+    const int64_t ncols = round_up(keys, 16), kpairs = (keys + 1) / 2, rpairs = (rows + 1) / 2;
+    const bf16* qb = hd.q + r0 * hd.ldq;
+    const bf16* gb = g + r0 * ldg;
+    gemm(rows, ncols, d / 2, qb, hd.ldq, 2, w.kt.data(), 2 * np, w.s.data(), np, false);
+    gemm(rows, ncols, d / 2, gb, ldg, 2, w.vt.data(), 2 * np, w.dp.data(), np, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* p = w.s.data() + i * np;
+      float* dp = w.dp.data() + i * np;
+      const int64_t n = r0 + i + 1;
+      probs_in_place(p, n, ncols, scale, lse[r0 + i]);
+      // delta_i = sum_j P_ij dP_ij (= dO_i . O_i, but from the fp32 P and dP rather than the bf16 O, so
+      // the rows of dS sum to zero as softmax's Jacobian says); dS = P (dP - delta) scale
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < ncols; j += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(dp + j), acc);
+      const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), sc = _mm512_set1_ps(scale);
+      for (int64_t j = 0; j < ncols; j += 16) {
+        const __m512 pv = _mm512_loadu_ps(p + j);
+        _mm512_storeu_ps(dp + j, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp + j), delta)), sc));
+      }
+    }
+    // dQ = dS K
+    rows_to_bf16(w.dp.data(), np, rows, ncols, w.a.data(), np);
+    gemm(rows, d, kpairs, w.a.data(), np, 2, w.kp.data(), 2 * d, w.tmp.data(), d, false);
+    rows_to_bf16(w.tmp.data(), d, rows, d, dq + r0 * ldd, ldd);
+    // dV[0:keys] += P^T dO, dK[0:keys] += dS^T Q (A = P, dS pair-packed over rows; B = dO, Q rows)
+    pack_rows_to_bf16(w.s.data(), np, rows, ncols, w.apk.data(), 2 * np);
+    pack_row_pairs(gb, ldg, rows, d, w.bpk.data(), 2 * d);
+    gemm(keys, d, rpairs, w.apk.data(), 2, 2 * np, w.bpk.data(), 2 * d, w.acc_v.data(), d, true);
+    pack_rows_to_bf16(w.dp.data(), np, rows, ncols, w.apk.data(), 2 * np);
+    pack_row_pairs(qb, hd.ldq, rows, d, w.bpk.data(), 2 * d);
+    gemm(keys, d, rpairs, w.apk.data(), 2, 2 * np, w.bpk.data(), 2 * d, w.acc_k.data(), d, true);
+  }
+  rows_to_bf16(w.acc_k.data(), d, s, d, dk, ldd);
+  rows_to_bf16(w.acc_v.data(), d, s, d, dv, ldd);
+}
+
+// ---- ops -------------------------------------------------------------------------------------------------
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1,
+              name, ": expected a CPU bf16 [b, h, s, d] tensor with unit last stride");
+}
+
+const bf16* ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
+
+at::Tensor empty_bshd(const at::Tensor& like) {
+  // [b, s, h, d] memory seen as [b, h, s, d]
+  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           double scale) {
+  check(q, "q"), check(k, "k"), check(v, "v");
+  const int64_t b = q.size(0), h = q.size(1), s = q.size(2), d = q.size(3);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() && d % 16 == 0, "q, k, v: equal shapes, d % 16 == 0");
+  at::Tensor out = empty_bshd(q);
+  at::Tensor lse = at::empty({b, h, s}, q.options().dtype(at::kFloat));
+  bf16* o = reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>());
+  float* l = lse.data_ptr<float>();
+  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / h, hi = bh % h;
+      const Head hd{ptr(q) + bi * q.stride(0) + hi * q.stride(1), ptr(k) + bi * k.stride(0) + hi * k.stride(1),
+                    ptr(v) + bi * v.stride(0) + hi * v.stride(1), q.stride(2), k.stride(2), v.stride(2)};
+      head_forward(hd, s, d, static_cast<float>(scale), o + bi * out.stride(0) + hi * out.stride(1), out.stride(2),
+                   l + bh * s, w);
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& lse_in,
+                                                        double scale) {
+  check(q, "q"), check(k, "k"), check(v, "v");
+  const at::Tensor g = g_in.stride(3) == 1 ? g_in : g_in.contiguous();
+  check(g, "grad");
+  const at::Tensor lse = lse_in.contiguous();
+  const int64_t b = q.size(0), h = q.size(1), s = q.size(2), d = q.size(3);
+  at::Tensor dq = empty_bshd(q), dk = empty_bshd(q), dv = empty_bshd(q);
+  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / h, hi = bh % h;
+      const Head hd{ptr(q) + bi * q.stride(0) + hi * q.stride(1), ptr(k) + bi * k.stride(0) + hi * k.stride(1),
+                    ptr(v) + bi * v.stride(0) + hi * v.stride(1), q.stride(2), k.stride(2), v.stride(2)};
+      const int64_t off = bi * dq.stride(0) + hi * dq.stride(1);
+      auto mut = [&](at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()) + off; };
+      head_backward(hd, ptr(g) + bi * g.stride(0) + hi * g.stride(1), g.stride(2), lse.data_ptr<float>() + bh * s, s, d, static_cast<float>(scale), mut(dq), mut(dk), mut(dv),
+                    dq.stride(2), w);
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(trident_cpu, m) {
+  m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor lse, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(trident_cpu, CPU, m) {
+  m.impl("causal_attention_forward", &forward);
+  m.impl("causal_attention_backward", &backward);
+}
