@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
 from engine.layout import ShardSpec, kv_heads_per_rank, shard_layout, vocab_slice
-from kernels.attention import scaled_dot_product_attention
+from kernels.attention import attention_at_positions, scaled_dot_product_attention
 from kernels.rmsnorm import RMSNorm
 from kernels.rope import apply_rope, inv_frequencies, rope_cos_sin
 from kernels.swiglu import swiglu
@@ -50,7 +50,8 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * hd, cfg.hidden_size, state.tp_group,
                                         sequence_parallel=sp, dtype=dtype)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, rows=None):
+        """rows ([b, r] positions, causal self-attention only): the output at those positions only."""
         qkv = self.qkv(x)
         b, s, _ = qkv.shape
         q, k, v = qkv.split([self.n_q * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
@@ -58,6 +59,10 @@ class Attention(nn.Module):
         k = k.view(b, s, self.n_kv, self.hd).transpose(1, 2)
         v = v.view(b, s, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rows is not None:  # keys and values of every position, queries of the chosen ones
+            q = q.gather(2, rows[:, None, :, None].expand(-1, self.n_q, -1, self.hd))
+            out = attention_at_positions(q, k, v, rows, enable_gqa=self.n_q != self.n_kv)
+            return self.o_proj(out.transpose(1, 2).reshape(b, rows.shape[1], self.n_q * self.hd))
         if cache is not None:  # generation: attend over everything cached so far (mask given by caller)
             k, v = cache.append(k, v)
         if mask is None and self.sliding_window and s > self.sliding_window:
@@ -90,8 +95,13 @@ class DecoderLayer(nn.Module):
         self.post_norm = _norm(cfg, state, sp, dtype)
         self.mlp = MLP(cfg, state, sp, dtype)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, rows=None):
+        """rows ([b, r] positions): compute the layer's output at those positions only (a last layer
+        whose other outputs nobody reads); keys and values still come from every position."""
+        a = self.attn(self.input_norm(x), cos, sin, mask, cache, rows)
+        if rows is not None:
+            x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        x = x + a
         return x + self.mlp(self.post_norm(x))
 
 
@@ -174,18 +184,24 @@ class Transformer(nn.Module):
         layers = list(self.layers.values())
         if self._compiled_layers is not None and kv_cache is None:
             layers = self._compiled_layers
+        # Only the selected rows of the last layer reach the head: that layer computes its queries,
+        # attention output and MLP there alone (keys and values still for every position). Causal
+        # self-attention only; with SP the rows are split across ranks until the head gathers them.
+        rows_only = (select is not None and self.last and len(layers) > 0 and not self.sp and kv_cache is None
+                     and attention_mask is None and not (self.cfg.sliding_window and s > self.cfg.sliding_window))
         for i, layer in enumerate(layers):
+            rows = select if rows_only and i == len(layers) - 1 else None
             if kv_cache is not None:
                 hidden = layer(hidden, cos, sin, attention_mask, kv_cache.layer(i))
             elif self.recompute and self.training:
-                hidden = checkpoint(layer, hidden, cos, sin, attention_mask, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, cos, sin, attention_mask, None, rows, use_reentrant=False)
             else:
-                hidden = layer(hidden, cos, sin, attention_mask)
+                hidden = layer(hidden, cos, sin, attention_mask, None, rows)
         if kv_cache is not None:
             kv_cache.advance(hidden.shape[1])
         if not self.last:
             return hidden
-        if select is not None and not self.sp:
+        if select is not None and not self.sp and not rows_only:
             hidden = hidden.gather(1, select[..., None].expand(-1, -1, hidden.shape[-1]))
         hidden = self.norm(hidden)
         if self.cfg.value_head:

@@ -29,7 +29,6 @@ each as one call.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -193,10 +192,19 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@functools.cache
+_native_ok: bool | None = None  # a plain global, not functools.cache: torch.compile reads it as a constant
+
+
 def native_kernel_available() -> bool:
     """Build (once per machine, cached by torch) and load csrc/attention_cpu.cpp; False where it cannot
     run: TRIDENT_CPU_KERNELS=0, no AVX512-BF16, or a failed build (warned once)."""
+    global _native_ok
+    if _native_ok is None:
+        _native_ok = _load_native()
+    return _native_ok
+
+
+def _load_native() -> bool:
     if os.environ.get("TRIDENT_CPU_KERNELS", "1") == "0" or not {"avx512_bf16", "avx512bw"} <= _cpu_flags():
         return False
     try:
@@ -206,52 +214,58 @@ def native_kernel_available() -> bool:
              extra_cflags=["-O3", "-fopenmp", *_ISA], extra_ldflags=["-fopenmp"])
         return True
     except Exception as e:  # noqa: BLE001 - any build or load failure means: use the Python kernel
-        warnings.warn(f"trident: fused CPU attention unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                      "using the blocked Python kernel", RuntimeWarning, stacklevel=2)
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        warnings.warn(f"trident: fused CPU attention unavailable ({type(e).__name__}: {first_line}); "
+                      "using the blocked Python kernel", RuntimeWarning, stacklevel=3)
         return False
 
 
 @torch.library.custom_op("trident::fused_causal_attention", mutates_args=())
-def _fused_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.trident_cpu.causal_attention_forward(q, k, v, scale)
+def _fused_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              q_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.trident_cpu.causal_attention_forward(q, k, v, scale, q_pos)
 
 
 @_fused_op.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, q_pos):
     b, h, s, d = q.shape
     return q.new_empty(b, s, h, d).transpose(1, 2), q.new_empty(b, h, s, dtype=torch.float32)
 
 
 @torch.library.custom_op("trident::fused_causal_attention_backward", mutates_args=())
 def _fused_backward_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.trident_cpu.causal_attention_backward(g, q, k, v, lse, scale)
+                       scale: float, q_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.trident_cpu.causal_attention_backward(g, q, k, v, lse, scale, q_pos)
 
 
 @_fused_backward_op.register_fake
-def _(g, q, k, v, lse, scale):
-    b, h, s, d = q.shape
-    return tuple(q.new_empty(b, s, h, d).transpose(1, 2) for _ in range(3))
+def _(g, q, k, v, lse, scale, q_pos):
+    def bshd(t):
+        b, h, s, d = t.shape
+        return t.new_empty(b, s, h, d).transpose(1, 2)
+    return bshd(q), bshd(k), bshd(k)
 
 
 def _fused_setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v, output[1])
+    q, k, v, scale, q_pos = inputs
+    ctx.save_for_backward(q, k, v, output[1], q_pos)
     ctx.scale = scale
 
 
 def _fused_grad(ctx, g_out, _g_lse):
-    q, k, v, lse = ctx.saved_tensors
-    return (*_fused_backward_op(g_out, q, k, v, lse, ctx.scale), None)
+    q, k, v, lse, q_pos = ctx.saved_tensors
+    return (*_fused_backward_op(g_out, q, k, v, lse, ctx.scale, q_pos), None, None)
 
 
 _fused_op.register_autograd(_fused_grad, setup_context=_fused_setup_context)
 
 
-def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """causal_attention through the C++ kernel: bf16 q, k, v [b, h, s, d] (unit last stride, d % 16 == 0)."""
+def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                           q_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """causal_attention through the C++ kernel: bf16 q [b, h, sq, d], k and v [b, h, sk, d] (unit last
+    stride, d % 16 == 0). q_pos (int64 [b, sq]): query i sees keys 0..q_pos[:, i]; None: sq == sk, causal."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _fused_op(q, k, v, float(scale))[0]
+    return _fused_op(q, k, v, float(scale), q_pos)[0]
 
 
 def _fused_applies(q: torch.Tensor) -> bool:
@@ -284,3 +298,18 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return fused_causal_attention(q, k, v, scale)
     return causal_attention(q, k, v, scale)
+
+
+def attention_at_positions(q, k, v, q_pos: torch.Tensor, scale: float | None = None,
+                           enable_gqa: bool = False) -> torch.Tensor:
+    """Causal attention for chosen query rows: q [b, h, r, d] holds the queries of positions q_pos
+    ([b, r] int64) of a sequence whose keys and values are k, v [b, h_kv, s, d]; query i sees keys
+    0..q_pos[:, i]. The fused kernel where it applies, else torch's SDPA with the equivalent mask."""
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and _fused_applies(q):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return fused_causal_attention(q, k, v, scale, q_pos=q_pos)
+    mask = q_pos[:, None, :, None] >= torch.arange(k.shape[-2], device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import attention
-from kernels.attention import causal_attention, fused_causal_attention, scaled_dot_product_attention
+from kernels.attention import (attention_at_positions, causal_attention, fused_causal_attention,
+                               scaled_dot_product_attention)
 
 HAS_BF16_ISA = {"avx512_bf16", "avx512bw"} <= attention._cpu_flags()
 
@@ -47,6 +48,37 @@ def test_fused_kernel_matches_sdpa(shape):
 
 
 @pytest.mark.skipif(not HAS_BF16_ISA, reason="the fused kernel needs AVX512-BF16")
+@pytest.mark.parametrize("rows", ["suffix", "scattered", "last"])
+def test_fused_kernel_at_chosen_query_positions(rows):
+    # a last layer whose outputs are read at some positions only: response tokens (a suffix), any
+    # subset per sequence, or the last token (reward model); keys past the last query get no gradient
+    b, h, s, d = 3, 2, 150, 32
+    q, k, v, _ = _inputs(b, h, s, d, torch.bfloat16)
+    if rows == "suffix":
+        pos = torch.arange(40, 149).expand(b, -1)
+    elif rows == "scattered":
+        pos = torch.stack([torch.randperm(140)[:70].sort().values for _ in range(b)])
+    else:
+        pos = torch.tensor([[149], [100], [0]])
+    q = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))
+    g = torch.randn(q.shape).bfloat16().double()
+    masked = lambda a, b_, c: F.scaled_dot_product_attention(  # noqa: E731
+        a, b_, c, attn_mask=pos[:, None, :, None] >= torch.arange(s))
+    exact = _run(masked, q, k, v, g, torch.float64)
+    torch_kernel = _run(masked, q, k, v, g, torch.bfloat16)
+    mine = _run(lambda a, b_, c: fused_causal_attention(a, b_, c, q_pos=pos), q, k, v, g, torch.bfloat16)
+    for name, e, t, m in zip(("out", "dq", "dk", "dv"), exact, torch_kernel, mine):
+        assert (m - e).abs().max() <= 2 * (t - e).abs().max() + 1e-6 * e.abs().max(), name
+    unseen = torch.arange(s) > pos.max(1).values[:, None]  # [b, s]
+    assert unseen.any() and (mine[2].abs().sum(-1).transpose(0, 1)[:, unseen] == 0).all()
+    # the entry point the model calls routes here, and its masked-SDPA fallback (fp32) agrees
+    assert torch.equal(attention_at_positions(q.bfloat16(), k.bfloat16(), v.bfloat16(), pos),
+                       fused_causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), q_pos=pos))
+    ref = attention_at_positions(q.float(), k.float(), v.float(), pos)
+    assert (ref.double() - exact[0]).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not HAS_BF16_ISA, reason="the fused kernel needs AVX512-BF16")
 def test_drop_in_routes_bf16_to_fused_kernel_with_and_without_grad(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "fused_causal_attention",
@@ -74,3 +106,24 @@ def test_drop_in_falls_back_to_torch():
     mask = torch.ones(300, 300, dtype=torch.bool).tril()
     a = scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(a, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.skipif(not HAS_BF16_ISA, reason="the fused kernel needs AVX512-BF16")
+def test_bf16_model_last_layer_runs_selected_rows_through_fused_kernel(monkeypatch):
+    from engine.checkpoint import RandomSource, load_into
+    from engine.config import ModelConfig
+    from engine.model import Transformer
+    from parallel.state import ParallelState
+
+    cfg = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64)
+    model = Transformer(cfg, ParallelState(), dtype=torch.bfloat16)
+    load_into(model, RandomSource(cfg, 0))
+    ids, select = torch.randint(0, 96, (3, 40)), torch.arange(20, 39).expand(3, -1)
+    positions = []
+    monkeypatch.setattr(attention, "fused_causal_attention",
+                        lambda *a, q_pos=None: positions.append(q_pos) or fused_causal_attention(*a, q_pos=q_pos))
+    picked = model(ids, select=select)
+    assert positions[-1] is select and positions[0] is None  # last layer: chosen rows; first: every row
+    full = model(ids).gather(1, select[..., None].expand(-1, -1, 96))
+    assert (picked.float() - full.float()).abs().max() <= 0.02 * full.float().abs().max()

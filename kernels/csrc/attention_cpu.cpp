@@ -13,8 +13,11 @@
 // dP carry fp32 accuracy; P and dS are rounded to bf16 for the next products, as torch's flash kernel
 // does.
 //
-// Shapes: q, k, v [b, h, s, d] bf16 (any strides with a unit last stride), d % 16 == 0.
-// Outputs are laid out [b, s, h, d] in memory (the model's out.transpose(1, 2).reshape is a view).
+// Shapes: q [b, h, sq, d], k and v [b, h, sk, d] bf16 (any strides with a unit last stride), d % 16 == 0.
+// Without q_pos, sq == sk and query i sees keys 0..i. With q_pos (int64 [b, sq]) query i of batch row
+// bi sees keys 0..q_pos[bi][i]: the queries of chosen positions only (a last layer whose other rows
+// nobody reads). Outputs are laid out [b, s, h, d] in memory (the model's
+// out.transpose(1, 2).reshape is a view).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -204,11 +207,22 @@ void pack_rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64_t ncols
 
 // ---- per-head kernels ----------------------------------------------------------------------------------
 
+// One head: sq query rows at key positions pos[i] (query i sees keys 0..pos[i]; pos == nullptr means
+// pos[i] = i, plain causal self-attention), sk keys.
 struct Head {
   const bf16* q;
   const bf16* k;
   const bf16* v;
   int64_t ldq, ldk, ldv;  // row strides (elements)
+  int64_t sq, sk, d;
+  const int64_t* pos;
+  int64_t last(int64_t i) const { return pos ? pos[i] : i; }  // the last key query i sees
+  int64_t keys(int64_t r0, int64_t r1) const {  // keys seen by any of the query rows [r0, r1)
+    if (!pos) return r1;
+    int64_t m = 0;
+    for (int64_t i = r0; i < r1; ++i) m = std::max(m, pos[i] + 1);
+    return m;
+  }
 };
 
 struct Scratch {
@@ -216,36 +230,33 @@ struct Scratch {
   std::vector<bf16> kt, vt, kp, vp, a, apk, bpk;
 };
 
-void head_forward(const Head& hd, int64_t s, int64_t d, float scale, bf16* out, int64_t ldo, float* lse,
-                  Scratch& w) {
-  const int64_t np = round_up(s, 16);
+void head_forward(const Head& hd, float scale, bf16* out, int64_t ldo, float* lse, Scratch& w) {
+  const int64_t d = hd.d, sk = hd.keys(0, hd.sq), np = round_up(sk, 16);
   w.kt.resize(d * np);
-  w.vp.resize(round_up(s, 2) * d);
+  w.vp.resize(round_up(sk, 2) * d);
   w.s.resize(BQ * np);
   w.a.resize(BQ * np);
   w.tmp.resize(BQ * d);
-  pack_transposed(hd.k, hd.ldk, s, d, w.kt.data(), np);   // B for S = Q K^T
-  pack_row_pairs(hd.v, hd.ldv, s, d, w.vp.data(), 2 * d);  // B for O = P V
-  for (int64_t r0 = 0; r0 < s; r0 += BQ) {
-    const int64_t rows = std::min<int64_t>(BQ, s - r0), keys = r0 + rows;
+  pack_transposed(hd.k, hd.ldk, sk, d, w.kt.data(), np);   // B for S = Q K^T
+  pack_row_pairs(hd.v, hd.ldv, sk, d, w.vp.data(), 2 * d);  // B for O = P V
+  for (int64_t r0 = 0; r0 < hd.sq; r0 += BQ) {
+    const int64_t rows = std::min<int64_t>(BQ, hd.sq - r0), keys = hd.keys(r0, r0 + rows);
     const int64_t ncols = round_up(keys, 16), kpairs = (keys + 1) / 2;
     gemm(rows, ncols, d / 2, hd.q + r0 * hd.ldq, hd.ldq, 2, w.kt.data(), 2 * np, w.s.data(), np, false);
-    for (int64_t i = 0; i < rows; ++i) {
-      float* srow = w.s.data() + i * np;
-      lse[r0 + i] = softmax_in_place(srow, r0 + i + 1, ncols, scale);
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      lse[r0 + i] = softmax_in_place(w.s.data() + i * np, hd.last(r0 + i) + 1, ncols, scale);
     rows_to_bf16(w.s.data(), np, rows, ncols, w.a.data(), np);
     gemm(rows, d, kpairs, w.a.data(), np, 2, w.vp.data(), 2 * d, w.tmp.data(), d, false);
     rows_to_bf16(w.tmp.data(), d, rows, d, out + r0 * ldo, ldo);
   }
 }
 
-void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
-                   int64_t s, int64_t d, float scale, bf16* dq, bf16* dk, bf16* dv, int64_t ldd, Scratch& w) {
-  const int64_t np = round_up(s, 16), sp = round_up(s, 2);
+void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse, float scale, bf16* dq,
+                   int64_t ldq, bf16* dk, bf16* dv, int64_t ldkv, Scratch& w) {
+  const int64_t d = hd.d, sk = hd.keys(0, hd.sq), np = round_up(sk, 16);
   w.kt.resize(d * np);
   w.vt.resize(d * np);
-  w.kp.resize(sp * d);
+  w.kp.resize(round_up(sk, 2) * d);
   w.s.resize(BQ * np);
   w.dp.resize(BQ * np);
   w.a.resize(BQ * np);
@@ -254,11 +265,11 @@ void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
   w.tmp.resize(BQ * d);
   w.acc_k.assign(np * d, 0.f);
   w.acc_v.assign(np * d, 0.f);
-  pack_transposed(hd.k, hd.ldk, s, d, w.kt.data(), np);   // B for S = Q K^T
-  pack_transposed(hd.v, hd.ldv, s, d, w.vt.data(), np);   // B for dP = dO V^T
-  pack_row_pairs(hd.k, hd.ldk, s, d, w.kp.data(), 2 * d);  // B for dQ = dS K
-  for (int64_t r0 = 0; r0 < s; r0 += BQ) {
-    const int64_t rows = std::min<int64_t>(BQ, s - r0), keys = r0 + rows;
+  pack_transposed(hd.k, hd.ldk, sk, d, w.kt.data(), np);   // B for S = Q K^T
+  pack_transposed(hd.v, hd.ldv, sk, d, w.vt.data(), np);   // B for dP = dO V^T
+  pack_row_pairs(hd.k, hd.ldk, sk, d, w.kp.data(), 2 * d);  // B for dQ = dS K
+  for (int64_t r0 = 0; r0 < hd.sq; r0 += BQ) {
+    const int64_t rows = std::min<int64_t>(BQ, hd.sq - r0), keys = hd.keys(r0, r0 + rows);
     const int64_t ncols = round_up(keys, 16), kpairs = (keys + 1) / 2, rpairs = (rows + 1) / 2;
     const bf16* qb = hd.q + r0 * hd.ldq;
     const bf16* gb = g + r0 * ldg;
@@ -267,8 +278,7 @@ void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
     for (int64_t i = 0; i < rows; ++i) {
       float* p = w.s.data() + i * np;
       float* dp = w.dp.data() + i * np;
-      const int64_t n = r0 + i + 1;
-      probs_in_place(p, n, ncols, scale, lse[r0 + i]);
+      probs_in_place(p, hd.last(r0 + i) + 1, ncols, scale, lse[r0 + i]);
       // delta_i = sum_j P_ij dP_ij (= dO_i . O_i, but from the fp32 P and dP rather than the bf16 O, so
       // the rows of dS sum to zero as softmax's Jacobian says); dS = P (dP - delta) scale
       __m512 acc = _mm512_setzero_ps();
@@ -283,7 +293,7 @@ void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
     // dQ = dS K
     rows_to_bf16(w.dp.data(), np, rows, ncols, w.a.data(), np);
     gemm(rows, d, kpairs, w.a.data(), np, 2, w.kp.data(), 2 * d, w.tmp.data(), d, false);
-    rows_to_bf16(w.tmp.data(), d, rows, d, dq + r0 * ldd, ldd);
+    rows_to_bf16(w.tmp.data(), d, rows, d, dq + r0 * ldq, ldq);
     // dV[0:keys] += P^T dO, dK[0:keys] += dS^T Q (A = P, dS pair-packed over rows; B = dO, Q rows)
     pack_rows_to_bf16(w.s.data(), np, rows, ncols, w.apk.data(), 2 * np);
     pack_row_pairs(gb, ldg, rows, d, w.bpk.data(), 2 * d);
@@ -292,8 +302,14 @@ void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
     pack_row_pairs(qb, hd.ldq, rows, d, w.bpk.data(), 2 * d);
     gemm(keys, d, rpairs, w.apk.data(), 2, 2 * np, w.bpk.data(), 2 * d, w.acc_k.data(), d, true);
   }
-  rows_to_bf16(w.acc_k.data(), d, s, d, dk, ldd);
-  rows_to_bf16(w.acc_v.data(), d, s, d, dv, ldd);
+  rows_to_bf16(w.acc_k.data(), d, sk, d, dk, ldkv);
+  rows_to_bf16(w.acc_v.data(), d, sk, d, dv, ldkv);
+  const __m256i zero = _mm256_setzero_si256();  // keys no query sees get no gradient
+  for (int64_t j = sk; j < hd.sk; ++j)
+    for (int64_t c = 0; c < d; c += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dk + j * ldkv + c), zero);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dv + j * ldkv + c), zero);
+    }
 }
 
 // ---- ops -------------------------------------------------------------------------------------------------
@@ -310,23 +326,45 @@ at::Tensor empty_bshd(const at::Tensor& like) {
   return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           double scale) {
+// Checks shapes and returns the query positions ([b, sq] int64, contiguous) or an undefined tensor.
+at::Tensor check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& q_pos) {
   check(q, "q"), check(k, "k"), check(v, "v");
-  const int64_t b = q.size(0), h = q.size(1), s = q.size(2), d = q.size(3);
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() && d % 16 == 0, "q, k, v: equal shapes, d % 16 == 0");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3)
+                  && q.size(3) % 16 == 0, "q [b, h, sq, d], k and v [b, h, sk, d], d % 16 == 0");
+  if (!q_pos) {
+    TORCH_CHECK(q.size(2) == k.size(2), "without q_pos, q and k need equal lengths (causal self-attention)");
+    return at::Tensor();
+  }
+  const at::Tensor pos = q_pos->contiguous();
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 2 && pos.size(0) == q.size(0) && pos.size(1) == q.size(2),
+              "q_pos: int64 [b, sq]");
+  TORCH_CHECK(pos.numel() == 0 || (pos.min().item<int64_t>() >= 0 && pos.max().item<int64_t>() < k.size(2)),
+              "q_pos outside the keys");
+  return pos;
+}
+
+Head head_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos, int64_t bi,
+             int64_t hi) {
+  return Head{ptr(q) + bi * q.stride(0) + hi * q.stride(1), ptr(k) + bi * k.stride(0) + hi * k.stride(1),
+              ptr(v) + bi * v.stride(0) + hi * v.stride(1), q.stride(2), k.stride(2), v.stride(2),
+              q.size(2), k.size(2), q.size(3), pos.defined() ? pos.data_ptr<int64_t>() + bi * q.size(2) : nullptr};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           double scale, const std::optional<at::Tensor>& q_pos) {
+  const at::Tensor pos = check_all(q, k, v, q_pos);
+  const int64_t h = q.size(1), sq = q.size(2);
   at::Tensor out = empty_bshd(q);
-  at::Tensor lse = at::empty({b, h, s}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({q.size(0), h, sq}, q.options().dtype(at::kFloat));
   bf16* o = reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>());
   float* l = lse.data_ptr<float>();
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, q.size(0) * h, 1, [&](int64_t begin, int64_t end) {
     Scratch w;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / h, hi = bh % h;
-      const Head hd{ptr(q) + bi * q.stride(0) + hi * q.stride(1), ptr(k) + bi * k.stride(0) + hi * k.stride(1),
-                    ptr(v) + bi * v.stride(0) + hi * v.stride(1), q.stride(2), k.stride(2), v.stride(2)};
-      head_forward(hd, s, d, static_cast<float>(scale), o + bi * out.stride(0) + hi * out.stride(1), out.stride(2),
-                   l + bh * s, w);
+      head_forward(head_of(q, k, v, pos, bi, hi), static_cast<float>(scale),
+                   o + bi * out.stride(0) + hi * out.stride(1), out.stride(2), l + bh * sq, w);
     }
   });
   return {out, lse};
@@ -334,24 +372,24 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& lse_in,
-                                                        double scale) {
-  check(q, "q"), check(k, "k"), check(v, "v");
+                                                        const at::Tensor& lse_in, double scale,
+                                                        const std::optional<at::Tensor>& q_pos) {
+  const at::Tensor pos = check_all(q, k, v, q_pos);
   const at::Tensor g = g_in.stride(3) == 1 ? g_in : g_in.contiguous();
   check(g, "grad");
   const at::Tensor lse = lse_in.contiguous();
-  const int64_t b = q.size(0), h = q.size(1), s = q.size(2), d = q.size(3);
-  at::Tensor dq = empty_bshd(q), dk = empty_bshd(q), dv = empty_bshd(q);
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+  const int64_t h = q.size(1), sq = q.size(2);
+  at::Tensor dq = empty_bshd(q), dk = empty_bshd(k), dv = empty_bshd(k);
+  auto mut = [](at::Tensor& t, int64_t bi, int64_t hi) {
+    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()) + bi * t.stride(0) + hi * t.stride(1);
+  };
+  at::parallel_for(0, q.size(0) * h, 1, [&](int64_t begin, int64_t end) {
     Scratch w;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / h, hi = bh % h;
-      const Head hd{ptr(q) + bi * q.stride(0) + hi * q.stride(1), ptr(k) + bi * k.stride(0) + hi * k.stride(1),
-                    ptr(v) + bi * v.stride(0) + hi * v.stride(1), q.stride(2), k.stride(2), v.stride(2)};
-      const int64_t off = bi * dq.stride(0) + hi * dq.stride(1);
-      auto mut = [&](at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()) + off; };
-      head_backward(hd, ptr(g) + bi * g.stride(0) + hi * g.stride(1), g.stride(2), lse.data_ptr<float>() + bh * s, s, d, static_cast<float>(scale), mut(dq), mut(dk), mut(dv),
-                    dq.stride(2), w);
+      head_backward(head_of(q, k, v, pos, bi, hi), ptr(g) + bi * g.stride(0) + hi * g.stride(1), g.stride(2),
+                    lse.data_ptr<float>() + bh * sq, static_cast<float>(scale), mut(dq, bi, hi), dq.stride(2),
+                    mut(dk, bi, hi), mut(dv, bi, hi), dk.stride(2), w);
     }
   });
   return {dq, dk, dv};
@@ -360,9 +398,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, 
 }  // namespace
 
 TORCH_LIBRARY(trident_cpu, m) {
-  m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor lse, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, float scale, Tensor? q_pos=None) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor lse, float scale, "
+        "Tensor? q_pos=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(trident_cpu, CPU, m) {
