@@ -43,9 +43,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="tuned (default): glibc mallopt so freed activations are reused instead of being "
                         "unmapped and page-faulted in again every step (process-wide: transformers gets it "
                         "too); default: glibc as is")
-    p.add_argument("--attention", choices=["sdpa", "kernel"], default="sdpa",
-                   help="engine attention: sdpa = as engine/model.py is (torch's kernel); kernel = preview of "
-                        "the proposed change to kernels.attention (patched in this process only)")
+    p.add_argument("--attention", choices=["trident", "torch"], default="trident",
+                   help="engine attention: trident (default) = kernels.attention as engine/model.py calls it "
+                        "(fused C++ kernel for bf16, blocked kernel for long fp32 sequences); torch = torch's "
+                        "F.scaled_dot_product_attention instead (patched in this process only, for A/B runs)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, torch.profiler one step of each runner and print its top N ops")
     return p

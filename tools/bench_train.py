@@ -135,19 +135,12 @@ def _token_mean_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_start: in
 
 # ---- runners: one training step each ---------------------------------------------------------------
 
-def use_attention_kernel() -> None:
-    """Preview of a proposed engine/model.py change: route the engine's F.scaled_dot_product_attention
-    through kernels.attention (blocked causal attention). Patches only engine.model's reference to
-    torch.nn.functional, in this process; transformers keeps torch's kernel."""
-    import types
-
+def use_torch_attention() -> None:
+    """A/B baseline: the engine's attention calls torch's F.scaled_dot_product_attention instead of
+    kernels.attention's (patches engine.model's reference only, in this process)."""
     import engine.model
-    import kernels.attention
 
-    proxy = types.ModuleType("F_with_trident_attention")
-    proxy.__dict__.update(torch.nn.functional.__dict__)
-    proxy.scaled_dot_product_attention = kernels.attention.scaled_dot_product_attention
-    engine.model.F = proxy
+    engine.model.scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention
 
 
 class EngineRunner:
@@ -302,15 +295,15 @@ def _other_runnable(samples: int = 10) -> int:
 
 def run(size: Size, dtype: str = "bf16", steps: int = 8, warmup: int = 2, compare: str | None = None,
         compile_mode: str | None = None, threads: int = 2, peak_n: int = 2048, size_name: str = "custom",
-        profile: int = 0, malloc: str = "tuned", attention: str = "sdpa", log=print) -> dict:
+        profile: int = 0, malloc: str = "tuned", attention: str = "trident", log=print) -> dict:
     import os
 
     load_before = os.getloadavg()[0]
     others = _other_runnable()
     torch.set_num_threads(threads)
     malloc_tuned = tune_malloc() if malloc == "tuned" else False
-    if attention == "kernel":
-        use_attention_kernel()
+    if attention == "torch":
+        use_torch_attention()
     torch.manual_seed(0)
     tdtype = DTYPES[dtype]
     cfg = size.model_config()
