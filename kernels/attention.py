@@ -295,7 +295,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if fused:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) % 2 == 0 else t.contiguous() for t in (q, k, v))
         return fused_causal_attention(q, k, v, scale)
     return causal_attention(q, k, v, scale)
 
@@ -309,7 +309,7 @@ def attention_at_positions(q, k, v, q_pos: torch.Tensor, scale: float | None = N
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and _fused_applies(q):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) % 2 == 0 else t.contiguous() for t in (q, k, v))
         return fused_causal_attention(q, k, v, scale, q_pos=q_pos)
     mask = q_pos[:, None, :, None] >= torch.arange(k.shape[-2], device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

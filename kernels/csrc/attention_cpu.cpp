@@ -37,6 +37,10 @@ constexpr int BQ = 64;  // query rows per block
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
 // ---- micro-GEMM ----------------------------------------------------------------------------------
 
 template <int MR, int NV>
@@ -74,21 +78,32 @@ inline void gemm_rows(int64_t n, int64_t k2, const bf16* a, int64_t sam, int64_t
 }
 
 // C[m][0:n] (+)= sum_{p < k2} A(m, p) . B(p, 0:n) for m < rows; n a multiple of 16.
+// need (optional, per row): only the first need[m] columns of row m matter (limit_k = false: C's
+// columns from there on, rounded up to 16, are left unwritten) or A(m, p) is zero from column need[m]
+// on (limit_k = true: the sum stops there). Each tile of rows stops at its longest row: the causal
+// triangle is skipped down to tiles of 6 x 16.
 void gemm(int64_t rows, int64_t n, int64_t k2, const bf16* a, int64_t sam, int64_t sap, const bf16* b,
-          int64_t sbp, float* c, int64_t ldc, bool accumulate) {
+          int64_t sbp, float* c, int64_t ldc, bool accumulate, const int64_t* need = nullptr,
+          bool limit_k = false) {
   constexpr int MR = 6;
-  int64_t m0 = 0;
-  for (; m0 + MR <= rows; m0 += MR)
-    gemm_rows<MR>(n, k2, a + m0 * sam, sam, sap, b, sbp, c + m0 * ldc, ldc, accumulate);
-  const bf16* at = a + m0 * sam;
-  float* ct = c + m0 * ldc;
-  switch (rows - m0) {
-    case 5: gemm_rows<5>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
-    case 4: gemm_rows<4>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
-    case 3: gemm_rows<3>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
-    case 2: gemm_rows<2>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
-    case 1: gemm_rows<1>(n, k2, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
-    default: break;
+  for (int64_t m0 = 0; m0 < rows; m0 += MR) {
+    const int64_t mr = std::min<int64_t>(MR, rows - m0);
+    int64_t nt = n, kt = k2;
+    if (need) {
+      const int64_t longest = *std::max_element(need + m0, need + m0 + mr);
+      if (limit_k) kt = std::min(k2, (longest + 1) / 2);
+      else nt = std::min(n, round_up(longest, 16));
+    }
+    const bf16* at = a + m0 * sam;
+    float* ct = c + m0 * ldc;
+    switch (mr) {
+      case 6: gemm_rows<6>(nt, kt, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+      case 5: gemm_rows<5>(nt, kt, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+      case 4: gemm_rows<4>(nt, kt, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+      case 3: gemm_rows<3>(nt, kt, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+      case 2: gemm_rows<2>(nt, kt, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+      default: gemm_rows<1>(nt, kt, at, sam, sap, b, sbp, ct, ldc, accumulate); break;
+    }
   }
 }
 
@@ -117,15 +132,43 @@ void pack_row_pairs(const bf16* src, int64_t ld, int64_t rows, int64_t ncols, bf
   }
 }
 
-// dst(p, j) = (src[j][2p], src[j][2p+1]) for j < rows (the pair-packed transpose), zero for
-// rows <= j < ncap; d even.
-void pack_transposed(const bf16* src, int64_t ld, int64_t rows, int64_t d, bf16* dst, int64_t ncap) {
-  const int64_t sbp = 2 * ncap;
-  for (int64_t p = 0; p < d / 2; ++p) {
-    uint32_t* out = reinterpret_cast<uint32_t*>(dst + p * sbp);
-    for (int64_t j = 0; j < rows; ++j) std::memcpy(out + j, src + j * ld + 2 * p, 4);
-    for (int64_t j = rows; j < ncap; ++j) out[j] = 0;
+// r[t] = column t of the 16 x 16 matrix of 32-bit words whose row i is r[i].
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // within 128-bit lanes: word pairs of row pairs
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
+  for (int g = 0; g < 4; ++g) {  // lane L of u[4g + e]: word 4L + e of rows 4g .. 4g + 3
+    u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // 4 x 4 transpose of 128-bit lanes across u[e], u[4 + e], u[8 + e], u[12 + e]
+    const __m512i p0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), p1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+    const __m512i p2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44), p3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_i32x4(p0, p2, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(p0, p2, 0xDD);
+    r[8 + e] = _mm512_shuffle_i32x4(p1, p3, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(p1, p3, 0xDD);
+  }
+}
+
+// dst(p, j) = (src[j][2p], src[j][2p+1]) for j < rows (the pair-packed transpose), zero for
+// rows <= j < ncap; d % 16 == 0. 16 x 16 blocks of 32-bit words transposed in registers.
+void pack_transposed(const bf16* src, int64_t ld, int64_t rows, int64_t d, bf16* dst, int64_t ncap) {
+  const int64_t sbp = 2 * ncap, words = d / 2;
+  for (int64_t j0 = 0; j0 < ncap; j0 += 16)
+    for (int64_t p0 = 0; p0 < words; p0 += 16) {
+      const int64_t w = std::min<int64_t>(16, words - p0);
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = j0 + i < rows ? _mm512_maskz_loadu_epi32(tail_mask(w), src + (j0 + i) * ld + 2 * p0)
+                             : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t t = 0; t < w; ++t) _mm512_storeu_si512(dst + (p0 + t) * sbp + 2 * j0, r[t]);
+    }
 }
 
 // ---- elementwise -------------------------------------------------------------------------------------
@@ -146,10 +189,6 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);  // p * 2^n, 0 for n below the denormal range
 }
 
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-}
-
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
 // P[j] = exp(scale * S[j] - lse) for j < n in place; returns nothing. Columns n.. are zeroed up to ncap.
@@ -163,8 +202,9 @@ inline void probs_in_place(float* s, int64_t n, int64_t ncap, float scale, float
   std::fill(s + n, s + ncap, 0.f);
 }
 
-// Row softmax of scale * S[0:n] in place (zero from n to ncap); returns the log-sum-exp.
-inline float softmax_in_place(float* s, int64_t n, int64_t ncap, float scale) {
+// Row softmax of scale * S[0:n] into bf16 dst[0:ncap] (zero from n on; S is overwritten with the
+// unnormalised exponentials); returns the log-sum-exp.
+inline float softmax_to_bf16(float* s, int64_t n, int64_t ncap, float scale, bf16* dst) {
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16)
     mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - j), s + j));
@@ -173,18 +213,16 @@ inline float softmax_in_place(float* s, int64_t n, int64_t ncap, float scale) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = tail_mask(n - j);
-    const __m512 e = exp_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s + j), sc, off));
-    const __m512 e0 = _mm512_maskz_mov_ps(k, e);
-    sum = _mm512_add_ps(sum, e0);
-    _mm512_mask_storeu_ps(s + j, k, e0);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s + j), sc, off)));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_storeu_ps(s + j, e);  // s has ncap >= round_up(n, 16) columns
   }
   const float total = _mm512_reduce_add_ps(sum);
   const __m512 inv = _mm512_set1_ps(1.f / total);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 k = tail_mask(n - j);
-    _mm512_mask_storeu_ps(s + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), inv));
+  for (int64_t j = 0; j < ncap; j += 16) {
+    const __mmask16 k = j < n ? tail_mask(n - j) : __mmask16(0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), to_bf16(_mm512_maskz_mul_ps(k, _mm512_loadu_ps(s + j), inv)));
   }
-  std::fill(s + n, s + ncap, 0.f);
   return m + std::log(total);
 }
 
@@ -228,6 +266,13 @@ struct Head {
 struct Scratch {
   std::vector<float> s, dp, acc_k, acc_v, tmp;
   std::vector<bf16> kt, vt, kp, vp, a, apk, bpk;
+  std::vector<int64_t> need;  // keys each query row of the block sees
+
+  const int64_t* needs(const Head& hd, int64_t r0, int64_t rows) {
+    need.resize(rows);
+    for (int64_t i = 0; i < rows; ++i) need[i] = hd.last(r0 + i) + 1;
+    return need.data();
+  }
 };
 
 void head_forward(const Head& hd, float scale, bf16* out, int64_t ldo, float* lse, Scratch& w) {
@@ -242,11 +287,11 @@ void head_forward(const Head& hd, float scale, bf16* out, int64_t ldo, float* ls
   for (int64_t r0 = 0; r0 < hd.sq; r0 += BQ) {
     const int64_t rows = std::min<int64_t>(BQ, hd.sq - r0), keys = hd.keys(r0, r0 + rows);
     const int64_t ncols = round_up(keys, 16), kpairs = (keys + 1) / 2;
-    gemm(rows, ncols, d / 2, hd.q + r0 * hd.ldq, hd.ldq, 2, w.kt.data(), 2 * np, w.s.data(), np, false);
+    const int64_t* need = w.needs(hd, r0, rows);
+    gemm(rows, ncols, d / 2, hd.q + r0 * hd.ldq, hd.ldq, 2, w.kt.data(), 2 * np, w.s.data(), np, false, need);
     for (int64_t i = 0; i < rows; ++i)
-      lse[r0 + i] = softmax_in_place(w.s.data() + i * np, hd.last(r0 + i) + 1, ncols, scale);
-    rows_to_bf16(w.s.data(), np, rows, ncols, w.a.data(), np);
-    gemm(rows, d, kpairs, w.a.data(), np, 2, w.vp.data(), 2 * d, w.tmp.data(), d, false);
+      lse[r0 + i] = softmax_to_bf16(w.s.data() + i * np, need[i], ncols, scale, w.a.data() + i * np);
+    gemm(rows, d, kpairs, w.a.data(), np, 2, w.vp.data(), 2 * d, w.tmp.data(), d, false, need, true);
     rows_to_bf16(w.tmp.data(), d, rows, d, out + r0 * ldo, ldo);
   }
 }
@@ -273,26 +318,33 @@ void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
     const int64_t ncols = round_up(keys, 16), kpairs = (keys + 1) / 2, rpairs = (rows + 1) / 2;
     const bf16* qb = hd.q + r0 * hd.ldq;
     const bf16* gb = g + r0 * ldg;
-    gemm(rows, ncols, d / 2, qb, hd.ldq, 2, w.kt.data(), 2 * np, w.s.data(), np, false);
-    gemm(rows, ncols, d / 2, gb, ldg, 2, w.vt.data(), 2 * np, w.dp.data(), np, false);
+    const int64_t* need = w.needs(hd, r0, rows);
+    gemm(rows, ncols, d / 2, qb, hd.ldq, 2, w.kt.data(), 2 * np, w.s.data(), np, false, need);
+    gemm(rows, ncols, d / 2, gb, ldg, 2, w.vt.data(), 2 * np, w.dp.data(), np, false, need);
     for (int64_t i = 0; i < rows; ++i) {
       float* p = w.s.data() + i * np;
       float* dp = w.dp.data() + i * np;
-      probs_in_place(p, hd.last(r0 + i) + 1, ncols, scale, lse[r0 + i]);
+      const int64_t n = need[i];
+      probs_in_place(p, n, ncols, scale, lse[r0 + i]);
       // delta_i = sum_j P_ij dP_ij (= dO_i . O_i, but from the fp32 P and dP rather than the bf16 O, so
-      // the rows of dS sum to zero as softmax's Jacobian says); dS = P (dP - delta) scale
+      // the rows of dS sum to zero as softmax's Jacobian says); dS = P (dP - delta) scale, zero from n
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t j = 0; j < ncols; j += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(dp + j), acc);
-      const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), sc = _mm512_set1_ps(scale);
-      for (int64_t j = 0; j < ncols; j += 16) {
-        const __m512 pv = _mm512_loadu_ps(p + j);
-        _mm512_storeu_ps(dp + j, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp + j), delta)), sc));
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 k = tail_mask(n - j);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, p + j), _mm512_maskz_loadu_ps(k, dp + j), acc);
       }
+      const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(acc)), sc = _mm512_set1_ps(scale);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 k = tail_mask(n - j);
+        const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j),
+                                                      _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), delta)), sc);
+        _mm512_mask_storeu_ps(dp + j, k, ds);
+      }
+      std::fill(dp + n, dp + ncols, 0.f);
     }
     // dQ = dS K
     rows_to_bf16(w.dp.data(), np, rows, ncols, w.a.data(), np);
-    gemm(rows, d, kpairs, w.a.data(), np, 2, w.kp.data(), 2 * d, w.tmp.data(), d, false);
+    gemm(rows, d, kpairs, w.a.data(), np, 2, w.kp.data(), 2 * d, w.tmp.data(), d, false, need, true);
     rows_to_bf16(w.tmp.data(), d, rows, d, dq + r0 * ldq, ldq);
     // dV[0:keys] += P^T dO, dK[0:keys] += dS^T Q (A = P, dS pair-packed over rows; B = dO, Q rows)
     pack_rows_to_bf16(w.s.data(), np, rows, ncols, w.apk.data(), 2 * np);
@@ -315,8 +367,9 @@ void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
 // ---- ops -------------------------------------------------------------------------------------------------
 
 void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1,
-              name, ": expected a CPU bf16 [b, h, s, d] tensor with unit last stride");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1
+                  && t.stride(2) % 2 == 0,
+              name, ": expected a CPU bf16 [b, h, s, d] tensor with unit last stride and even row stride");
 }
 
 const bf16* ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
@@ -375,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, 
                                                         const at::Tensor& lse_in, double scale,
                                                         const std::optional<at::Tensor>& q_pos) {
   const at::Tensor pos = check_all(q, k, v, q_pos);
-  const at::Tensor g = g_in.stride(3) == 1 ? g_in : g_in.contiguous();
+  const at::Tensor g = g_in.stride(3) == 1 && g_in.stride(2) % 2 == 0 ? g_in : g_in.contiguous();
   check(g, "grad");
   const at::Tensor lse = lse_in.contiguous();
   const int64_t h = q.size(1), sq = q.size(2);
