@@ -106,6 +106,10 @@ class VLLMRollout:
         if self.is_driver:
             layout = [(name, *entry) for name, entry in self.target.layout.items()]
             self.llm.collective_rpc("trident_load_shared", args=(self.target.path, layout))
+            # KV blocks vLLM cached for earlier prompts hold the old weights' keys and values: a prompt
+            # seen before the update must be recomputed (its cache would otherwise be served)
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         comm.barrier(self._group)
         return time.perf_counter() - t0
 

