@@ -34,7 +34,7 @@ from parallel.ddp import DistributedDataParallel
 from parallel.grads import clip_grads, finalize_tp_grads
 from parallel.optimizer import MasterWeightAdamW, param_groups
 from parallel.pipeline import PipelineJob, build_order, forward_backward_no_pipelining, run_pipeline
-from parallel.state import init_parallel
+from parallel.state import freeze_heap, init_parallel
 
 
 @dataclass
@@ -232,6 +232,7 @@ class PPOTrainer:
                                     tp_gen=cfg.rollout.vllm_tp, enforce_eager=cfg.rollout.vllm_eager,
                                     cpu_reserve=cfg.rollout.vllm_cpu_reserve)
         self.synced = True  # the rollout engine starts from the initial actor
+        freeze_heap()
 
     def sync(self) -> float:
         """Hand the current actor weights to the rollout engine (once per update)."""

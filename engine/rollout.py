@@ -70,6 +70,7 @@ class VLLMRollout:
         self.state, self.eos_id = chunks[0].state, eos_id
         self.is_driver = self.state.rank == 0
         self.llm = None
+        self.worker_frozen_objects: list[int] = []  # per vLLM worker, objects taken out of full GCs
         self.last_sync_bytes = 0
         self._group = None if self.state.world_size == 1 else _world_group()
         self.target = SharedTarget(local_pieces(chunks), self._group, writer=self.state.dp_rank == 0)
@@ -96,6 +97,7 @@ class VLLMRollout:
                 self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,
                                dtype=hf_cfg["torch_dtype"], tensor_parallel_size=tp_gen, max_model_len=max_model_len,
                                worker_extension_cls="engine.vllm_worker.WeightSyncExtension", seed=0)
+            self.worker_frozen_objects = self.llm.collective_rpc("trident_freeze_heap")
             _renice_children()
 
     def sync(self, model) -> float:

@@ -105,6 +105,17 @@ def tune_malloc() -> bool:
         return False
 
 
+def freeze_heap() -> None:
+    """Move every Python object alive now (models, modules, the rollout engine's front end) out of the
+    garbage collector's reach, after a final collection. Full collections then scan only what runs
+    create: with torch, transformers and vLLM loaded, each one otherwise walks millions of objects
+    (measured 0.4-0.7 s apiece in the middle of PPO steps). Call once set-up is done."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 300) -> ParallelState:
     """Create the grid for this process; joins torch.distributed when launched by torchrun.
 

@@ -66,3 +66,17 @@ def test_a_dead_rank_stops_every_other_rank_with_an_error(tmp_path):
     assert time.time() - t0 < 60
     assert "Signal 9" in err or "SIGKILL" in err or "exitcode" in err, err[-2000:]
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_freeze_heap_takes_set_up_objects_out_of_full_collections():
+    import gc
+
+    from parallel.state import freeze_heap
+
+    before = gc.get_freeze_count()
+    try:
+        set_up = [[] for _ in range(1000)]  # lists are GC-tracked
+        freeze_heap()
+        assert gc.get_freeze_count() >= before + len(set_up)
+    finally:
+        gc.unfreeze()

@@ -41,6 +41,7 @@ def test_vllm_after_sync_matches_native_greedy_and_logprobs():
             worst = max(worst, (mine - torch.tensor(lp)).abs().max().item())
         print(json.dumps({"vllm_logprob_max_abs_diff": worst, "sync_s": seconds, "sync_bytes": vllm.last_sync_bytes}))
         assert worst < 1e-3
+        assert vllm.worker_frozen_objects and min(vllm.worker_frozen_objects) > 10000  # start-up heap frozen
         # a second update: prompts seen before (a long one fills KV blocks vLLM's prefix cache keeps)
         # must be recomputed with the new weights, not served from the old ones' cache
         long_prompt = [torch.randint(3, 300, (200,), generator=g).tolist()]
