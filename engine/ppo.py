@@ -34,7 +34,7 @@ from parallel.ddp import DistributedDataParallel
 from parallel.grads import clip_grads, finalize_tp_grads
 from parallel.optimizer import MasterWeightAdamW, param_groups
 from parallel.pipeline import PipelineJob, build_order, forward_backward_no_pipelining, run_pipeline
-from parallel.state import freeze_heap, init_parallel
+from parallel.state import freeze_heap, init_parallel, thaw_heap
 
 
 @dataclass
@@ -403,6 +403,7 @@ class PPOTrainer:
 
     def close(self) -> None:
         self.rollout.close()
+        thaw_heap()
 
 
 def check_config(cfg: PPOConfig) -> None:

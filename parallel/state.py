@@ -116,6 +116,13 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def thaw_heap() -> None:
+    """Undo freeze_heap when the objects it froze are being torn down (they are collectable again)."""
+    import gc
+
+    gc.unfreeze()
+
+
 def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 300) -> ParallelState:
     """Create the grid for this process; joins torch.distributed when launched by torchrun.
 
