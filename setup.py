@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="A Megatron-style 3D-parallel training engine for RLHF of large language models",
     packages=find_packages(include=["engine*", "kernels*", "parallel*", "tools*"]),
+    package_data={"kernels": ["csrc/*.cpp"]},  # built on first use (kernels/attention.py)
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned in requirements.txt / the Makefile (an unpinned torch pulls a CUDA build)
@@ -13,6 +14,7 @@ setup(
         "safetensors>=0.4",
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
+        "ninja",  # torch's cpp_extension builds kernels/csrc/attention_cpu.cpp on first use
         "pyyaml>=6",
         "tqdm>=4",
         "numpy>=1.24",

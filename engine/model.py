@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig
 from engine.layout import ShardSpec, kv_heads_per_rank, shard_layout, vocab_slice
-from kernels.attention import attention_at_positions, scaled_dot_product_attention
+from kernels.attention import attention_at_positions, native_kernel_available, scaled_dot_product_attention
 from kernels.rmsnorm import RMSNorm
 from kernels.rope import apply_rope, inv_frequencies, rope_cos_sin
 from kernels.swiglu import swiglu
@@ -147,6 +147,7 @@ class Transformer(nn.Module):
         """Run each decoder layer through torch.compile in full-sequence passes (training, scoring);
         incremental decoding with a KV cache keeps the eager layers. The compiled wrappers share the
         layers' parameters and are not submodules (state dicts are unchanged)."""
+        native_kernel_available()  # build / load the C++ attention now, not inside dynamo's trace
         self._compiled_layers = [torch.compile(layer) for layer in self.layers.values()]
 
     def set_input_tensor(self, hidden: torch.Tensor) -> None:

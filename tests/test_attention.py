@@ -127,3 +127,20 @@ def test_bf16_model_last_layer_runs_selected_rows_through_fused_kernel(monkeypat
     assert positions[-1] is select and positions[0] is None  # last layer: chosen rows; first: every row
     full = model(ids).gather(1, select[..., None].expand(-1, -1, 96))
     assert (picked.float() - full.float()).abs().max() <= 0.02 * full.float().abs().max()
+
+
+def test_without_the_fused_kernel_bf16_takes_the_blocked_kernel(monkeypatch):
+    # TRIDENT_CPU_KERNELS=0, no AVX512-BF16 or a failed build: training still gets the blocked kernel
+    monkeypatch.setenv("TRIDENT_CPU_KERNELS", "0")
+    assert attention._load_native() is False
+    monkeypatch.setattr(attention, "_native_ok", False)
+    calls = []
+    monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(1) or causal_attention(*a))
+    q, k, v, _ = _inputs(1, 2, 160, 16, torch.bfloat16)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert calls and torch.equal(out, causal_attention(q, k, v))
+    with torch.no_grad():  # scoring: torch's kernel
+        assert torch.equal(scaled_dot_product_attention(q, k, v, is_causal=True),
+                           F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert len(calls) == 1
