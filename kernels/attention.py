@@ -268,8 +268,16 @@ def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     return _fused_op(q, k, v, float(scale), q_pos)[0]
 
 
-def _fused_applies(q: torch.Tensor) -> bool:
-    return q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and native_kernel_available()
+def _fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, enable_gqa: bool,
+                   q_pos: torch.Tensor | None = None) -> bool:
+    """What the C++ kernel handles: bf16 CPU [b, h, s, d] with d % 16 == 0, k and v of one shape (heads
+    equal to q's or, with GQA, dividing them), a positive scale, int64 CPU query positions."""
+    heads_ok = k.shape[1] == q.shape[1] or (enable_gqa and q.shape[1] % k.shape[1] == 0)
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == k.dim() == 4
+            and q.shape[-1] % 16 == 0 and k.shape == v.shape and k.shape[0] == q.shape[0]
+            and k.shape[-1] == q.shape[-1] and heads_ok and (scale is None or scale > 0)
+            and (q_pos is None or (q_pos.dtype == torch.long and q_pos.device.type == "cpu"))
+            and native_kernel_available())
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -285,7 +293,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0
     """Drop-in for F.scaled_dot_product_attention: our kernels for causal self-attention on CPU."""
     causal = (is_causal and attn_mask is None and dropout_p == 0.0 and q.device.type == "cpu" and q.dim() == 4
               and q.shape[-2] == k.shape[-2] and q.dtype == k.dtype == v.dtype)
-    fused = causal and _fused_applies(q)
+    fused = causal and _fused_applies(q, k, v, scale, enable_gqa)
     blocked = (causal and not fused and q.shape[-2] >= MIN_SEQ and q.dtype in (torch.float32, torch.bfloat16)
                and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     if not (fused or blocked):
@@ -295,7 +303,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if fused:
-        q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) % 2 == 0 else t.contiguous() for t in (q, k, v))
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return fused_causal_attention(q, k, v, scale)
     return causal_attention(q, k, v, scale)
 
@@ -308,8 +316,8 @@ def attention_at_positions(q, k, v, q_pos: torch.Tensor, scale: float | None = N
     if enable_gqa and k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and _fused_applies(q):
-        q, k, v = (t if t.stride(-1) == 1 and t.stride(-2) % 2 == 0 else t.contiguous() for t in (q, k, v))
+    if _fused_applies(q, k, v, scale, True, q_pos):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return fused_causal_attention(q, k, v, scale, q_pos=q_pos)
     mask = q_pos[:, None, :, None] >= torch.arange(k.shape[-2], device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -48,7 +48,7 @@ def test_fused_kernel_matches_sdpa(shape):
 
 
 @pytest.mark.skipif(not HAS_BF16_ISA, reason="the fused kernel needs AVX512-BF16")
-@pytest.mark.parametrize("rows", ["suffix", "scattered", "last"])
+@pytest.mark.parametrize("rows", ["suffix", "scattered", "unsorted", "last"])
 def test_fused_kernel_at_chosen_query_positions(rows):
     # a last layer whose outputs are read at some positions only: response tokens (a suffix), any
     # subset per sequence, or the last token (reward model); keys past the last query get no gradient
@@ -58,6 +58,8 @@ def test_fused_kernel_at_chosen_query_positions(rows):
         pos = torch.arange(40, 149).expand(b, -1)
     elif rows == "scattered":
         pos = torch.stack([torch.randperm(140)[:70].sort().values for _ in range(b)])
+    elif rows == "unsorted":  # with repeats
+        pos = torch.randint(0, 140, (b, 70))
     else:
         pos = torch.tensor([[149], [100], [0]])
     q = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, d))
@@ -106,6 +108,13 @@ def test_drop_in_falls_back_to_torch():
     mask = torch.ones(300, 300, dtype=torch.bool).tril()
     a = scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(a, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    # what the fused kernel does not handle goes to torch as is: a negative scale (torch's CPU kernel
+    # itself returns NaN rows there), v with another head dim
+    for args, kw in [((q, k, v), {"scale": -0.25}), ((q, k, torch.cat([v, v], -1)), {})]:
+        with torch.no_grad():
+            mine = scaled_dot_product_attention(*args, is_causal=True, **kw)
+            assert torch.allclose(mine, F.scaled_dot_product_attention(*args, is_causal=True, **kw),
+                                  rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.skipif(not HAS_BF16_ISA, reason="the fused kernel needs AVX512-BF16")

@@ -367,9 +367,8 @@ void head_backward(const Head& hd, const bf16* g, int64_t ldg, const float* lse,
 // ---- ops -------------------------------------------------------------------------------------------------
 
 void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1
-                  && t.stride(2) % 2 == 0,
-              name, ": expected a CPU bf16 [b, h, s, d] tensor with unit last stride and even row stride");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1,
+              name, ": expected a CPU bf16 [b, h, s, d] tensor with unit last stride");
 }
 
 const bf16* ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
@@ -381,8 +380,9 @@ at::Tensor empty_bshd(const at::Tensor& like) {
 
 // Checks shapes and returns the query positions ([b, sq] int64, contiguous) or an undefined tensor.
 at::Tensor check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& q_pos) {
+                     const std::optional<at::Tensor>& q_pos, double scale) {
   check(q, "q"), check(k, "k"), check(v, "v");
+  TORCH_CHECK(scale > 0, "scale must be positive (the softmax takes its row maximum before scaling)");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3)
                   && q.size(3) % 16 == 0, "q [b, h, sq, d], k and v [b, h, sk, d], d % 16 == 0");
   if (!q_pos) {
@@ -406,7 +406,7 @@ Head head_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            double scale, const std::optional<at::Tensor>& q_pos) {
-  const at::Tensor pos = check_all(q, k, v, q_pos);
+  const at::Tensor pos = check_all(q, k, v, q_pos, scale);
   const int64_t h = q.size(1), sq = q.size(2);
   at::Tensor out = empty_bshd(q);
   at::Tensor lse = at::empty({q.size(0), h, sq}, q.options().dtype(at::kFloat));
@@ -427,8 +427,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_in, 
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& lse_in, double scale,
                                                         const std::optional<at::Tensor>& q_pos) {
-  const at::Tensor pos = check_all(q, k, v, q_pos);
-  const at::Tensor g = g_in.stride(3) == 1 && g_in.stride(2) % 2 == 0 ? g_in : g_in.contiguous();
+  const at::Tensor pos = check_all(q, k, v, q_pos, scale);
+  const at::Tensor g = g_in.stride(3) == 1 ? g_in : g_in.contiguous();
   check(g, "grad");
   const at::Tensor lse = lse_in.contiguous();
   const int64_t h = q.size(1), sq = q.size(2);
