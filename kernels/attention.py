@@ -18,8 +18,8 @@ output is laid out [b, s, h, d] in memory, so the caller's transpose(1, 2).resha
 bf16 on CPUs with AVX512-BF16 goes to the fused C++ kernel in csrc/attention_cpu.cpp instead (built
 on first use with torch's cpp_extension, ~10 s, cached): one head at a time in cache, no copies,
 S and dP at fp32 accuracy from vdpbf16ps, P recomputed in backward from the log-sum-exp. At PPO L's
-shape (b=64, h=8, s=192, d=64) forward + backward take 34 ms against 115 ms for the blocked kernel
-and forward alone 11 ms against 38 ms for torch's SDPA. Set TRIDENT_CPU_KERNELS=0 to turn it off; a
+shape (b=64, h=8, s=192, d=64) forward + backward take 27 ms against 115 ms for the blocked kernel
+and forward alone 9 ms against 38 ms for torch's SDPA. Set TRIDENT_CPU_KERNELS=0 to turn it off; a
 failed build warns once and falls back.
 
 `scaled_dot_product_attention` has the signature of torch's and falls back to it whenever the fast
@@ -262,9 +262,11 @@ _fused_op.register_autograd(_fused_grad, setup_context=_fused_setup_context)
 
 def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                            q_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """causal_attention through the C++ kernel: bf16 q [b, h, sq, d], k and v [b, h, sk, d] (unit last
-    stride, d % 16 == 0). q_pos (int64 [b, sq]): query i sees keys 0..q_pos[:, i]; None: sq == sk, causal."""
+    """causal_attention through the C++ kernel: bf16 q [b, h, sq, d], k and v [b, h, sk, d] (d % 16 == 0;
+    copied first if their last stride is not 1). q_pos (int64 [b, sq]): query i sees keys 0..q_pos[:, i];
+    None: sq == sk, causal."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _fused_op(q, k, v, float(scale), q_pos)[0]
 
 
@@ -278,6 +280,15 @@ def _fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
             and k.shape[-1] == q.shape[-1] and heads_ok and (scale is None or scale > 0)
             and (q_pos is None or (q_pos.dtype == torch.long and q_pos.device.type == "cpu"))
             and native_kernel_available())
+
+
+def _repeat_kv_heads(q, k, v, enable_gqa: bool):
+    """k, v with as many heads as q (GQA: each KV head repeated for its group of query heads); our
+    kernels take equal head counts and autograd sums the repeats' gradients back."""
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return k, v
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -299,13 +310,8 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0
     if not (fused or blocked):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    if enable_gqa and k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if fused:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return fused_causal_attention(q, k, v, scale)
-    return causal_attention(q, k, v, scale)
+    k, v = _repeat_kv_heads(q, k, v, enable_gqa)
+    return fused_causal_attention(q, k, v, scale) if fused else causal_attention(q, k, v, scale)
 
 
 def attention_at_positions(q, k, v, q_pos: torch.Tensor, scale: float | None = None,
@@ -313,11 +319,8 @@ def attention_at_positions(q, k, v, q_pos: torch.Tensor, scale: float | None = N
     """Causal attention for chosen query rows: q [b, h, r, d] holds the queries of positions q_pos
     ([b, r] int64) of a sequence whose keys and values are k, v [b, h_kv, s, d]; query i sees keys
     0..q_pos[:, i]. The fused kernel where it applies, else torch's SDPA with the equivalent mask."""
-    if enable_gqa and k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = _repeat_kv_heads(q, k, v, enable_gqa)
     if _fused_applies(q, k, v, scale, True, q_pos):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return fused_causal_attention(q, k, v, scale, q_pos=q_pos)
     mask = q_pos[:, None, :, None] >= torch.arange(k.shape[-2], device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
