@@ -92,7 +92,7 @@ class HFSource(_SafetensorsFiles):
             raise CheckpointError(f"checkpoint {self.root} lacks tensor {name}")
         return self.handle(self.where[name]).get_slice(name)
 
-    def read(self, name: str, dim: int | None, start: int, length: int) -> torch.Tensor:
+    def read(self, name: str, dim: int | None, start: int, length: int, shape=None) -> torch.Tensor:
         sl = self._slice(name)
         shape = sl.get_shape()
         return sl[:] if dim is None else _narrow(sl, shape, dim, start, length)
@@ -116,7 +116,7 @@ class NativeSource(_SafetensorsFiles):
             raise CheckpointError(f"checkpoint {self.root} lacks tensor {name}")
         return tuple(self.tensors[name]["shape"])
 
-    def read(self, name: str, dim: int | None, start: int, length: int) -> torch.Tensor:
+    def read(self, name: str, dim: int | None, start: int, length: int, shape=None) -> torch.Tensor:
         meta = self.tensors.get(name)
         if meta is None:
             raise CheckpointError(f"checkpoint {self.root} lacks tensor {name}")
@@ -150,6 +150,9 @@ class RandomSource:
     def __init__(self, config: ModelConfig, seed: int, std: float = 0.02):
         self.config, self.seed, self.std = config, seed, std
 
+    def shape(self, name: str) -> None:
+        return None  # any shape: the layout asks for what it needs
+
     def read(self, name: str, dim: int | None, start: int, length: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
         if name.endswith("norm.weight"):
             full = torch.ones(shape)
@@ -162,10 +165,8 @@ class RandomSource:
 
 
 def _check_shape(source, spec: ShardSpec) -> None:
-    if isinstance(source, RandomSource):
-        return
     got = source.shape(spec.name)
-    if got != spec.shape:
+    if got is not None and got != spec.shape:
         raise CheckpointError(f"tensor {spec.name} has shape {list(got)}, expected {list(spec.shape)}")
 
 
@@ -175,10 +176,7 @@ def load_into(model: torch.nn.Module, source) -> None:
     with torch.no_grad():
         for spec in model.shard_specs():
             _check_shape(source, spec)
-            if isinstance(source, RandomSource):
-                piece = source.read(spec.name, spec.dim, spec.start, spec.length, spec.shape)
-            else:
-                piece = source.read(spec.name, spec.dim, spec.start, spec.length)
+            piece = source.read(spec.name, spec.dim, spec.start, spec.length, spec.shape)
             target = params[spec.param]
             if spec.rows is not None:
                 target = target[spec.rows[0]:spec.rows[1]]
@@ -239,5 +237,32 @@ def save_rank_shard(model: torch.nn.Module, staging: Path, tp_rank: int, pp_rank
         t = params[spec.param].detach()
         if spec.rows is not None:
             t = t[spec.rows[0]:spec.rows[1]]
-        tensors[spec.name] = t.contiguous().clone()
+        tensors[spec.name] = t.to("cpu", copy=True).contiguous()
     save_file(tensors, str(staging / shard_file(tp_rank, pp_rank)))
+
+
+def save_native(chunks: list, state, out: Path, tokenizer_path: str | None = None) -> None:
+    """A native checkpoint from every rank's chunks (collective): DP rank 0 of each (tp, pp) position
+    writes its shard into a staging directory, rank 0 the index (last) and renames it into place."""
+    from parallel import comm
+
+    staging = staging_dir(out)
+    if state.rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    comm.barrier()
+    if state.dp_rank == 0:
+        for c, chunk in enumerate(chunks):
+            save_rank_shard(chunk, staging, state.tp_rank, c * state.pp + state.pp_rank)
+    # every virtual stage's layer range, in stage order (chunk c of pipeline rank r is stage c*pp + r)
+    per_rank = comm.all_gather_object([(c.layer_ids.start, c.layer_ids.stop) for c in chunks], state.pp_group)
+    stages = [range(*per_rank[r][c]) for c in range(len(chunks)) for r in range(state.pp)]
+    comm.barrier()
+    if state.rank == 0:
+        dtype = _dtype_name(chunks[0].dtype)
+        write_index(staging, chunks[0].cfg, state.tp, stages, lambda _: dtype)
+        tok = Path(tokenizer_path) if tokenizer_path else None
+        if tok and tok.is_file():
+            shutil.copyfile(tok, staging / ("tokenizer.model" if tok.suffix == ".model" else "tokenizer.json"))
+        publish(staging, out)
+    comm.barrier()

@@ -1,12 +1,5 @@
-"""The one exception type users see: the CLI prints its message on one line and exits non-zero."""
-
-
-class TridentError(Exception):
-    """A user-facing error (bad config, bad checkpoint, bad data). Never a bug in trident itself."""
-
-
-class ConfigError(TridentError):
-    """An invalid or inconsistent configuration."""
+"""The exception types users see: the CLI prints the message on one line and exits non-zero."""
+from parallel.errors import ConfigError, TrainingError, TridentError  # noqa: F401
 
 
 class CheckpointError(TridentError):

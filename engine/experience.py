@@ -1,5 +1,5 @@
-"""PPO experience: a rollout turned into tensors, scored by the four models, and the actor / critic
-step functions in the schedule's `(output, loss_fn)` contract.
+"""PPO experience: a rollout turned into tensors, and the step functions that score it and update on it,
+in the schedule's `(output, loss_fn)` contract.
 
 Sequences are prompt + response, right-padded (causal attention means padding never affects real
 tokens, so no mask is needed). Response token j of row i sits at column len(prompt_i) + j and is
@@ -33,7 +33,7 @@ class Experience:
 
     def micro_batches(self, size: int, rows: torch.Tensor | None = None) -> list["Experience"]:
         """`rows` (default: all, in order) cut into micro-batches of at most `size` rows."""
-        rows = torch.arange(len(self)) if rows is None else rows
+        rows = torch.arange(len(self), device=self.input_ids.device) if rows is None else rows
         return [self.select(i) for i in rows.split(size)]
 
     def __len__(self) -> int:
@@ -42,6 +42,7 @@ class Experience:
 
 def build_experience(prompts: list[list[int]], responses: list[list[int]], valid: torch.Tensor,
                      pad_id: int) -> Experience:
+    """The rollout's tensors, built on the host (move them with parallel.handle.to_device)."""
     b = len(prompts)
     length = max(len(p) + len(r) for p, r in zip(prompts, responses))
     rlen = max(1, max(len(r) for r in responses))
@@ -66,26 +67,36 @@ def action_log_probs_and_entropy(model, logits: torch.Tensor, exp: Experience, t
                                                 temperature)
 
 
-@torch.no_grad()
-def score(exp: Experience, forward, actor, ref, critic, temperature: float, micro_batch_size: int) -> None:
-    """Fill ref_logp, old_logp (unless actor is None: already taken from the rollout) and old_values
-    (unless critic is None). forward(model chunks, fn, micro-batches, select) runs fn(last chunk, output,
-    mb) on each micro-batch's outputs at the positions select(mb) through the model's pipeline and
-    returns the results."""
-    micro = exp.micro_batches(micro_batch_size)
+# ---- scoring (forward only): results travel as the loss_fn's "out" stat --------------------------------
 
-    def logp(model, logits, mb):
-        return action_log_probs_and_entropy(model, logits, mb, temperature)[0]
+def _scoring(compute, select):
+    def step(model, mb):
+        out = model(mb.input_ids, select=select(mb))
+        return out, lambda o: (o.new_zeros(()), {"out": compute(model, o, mb)})
+    return step
 
-    def at_actions(mb):
-        return mb.action_index
 
-    if actor is not None:
-        exp.old_logp = torch.cat(forward(actor, logp, micro, at_actions))
-    exp.ref_logp = torch.cat(forward(ref, logp, micro, at_actions))
-    if critic is not None:
-        exp.old_values = torch.cat(forward(critic, lambda m, values, mb: values.float(), micro, at_actions))
+def logprob_step(temperature: float):
+    """Scores the response tokens' log-probs [b, R] (actor's old log-probs, the reference's)."""
+    return _scoring(lambda m, logits, mb: action_log_probs_and_entropy(m, logits, mb, temperature)[0],
+                    lambda mb: mb.action_index)
 
+
+def value_step():
+    """Scores the critic's values at the positions that predict the response tokens [b, R]."""
+    return _scoring(lambda m, values, mb: values.float(), lambda mb: mb.action_index)
+
+
+def last_value_step():
+    """Scores a reward model's value at each sequence's last token [b]."""
+    return _scoring(lambda m, values, mb: values.float().squeeze(1), lambda mb: mb.last_index[:, None])
+
+
+def gather_out(stats: list[dict]) -> torch.Tensor:
+    return torch.cat([s["out"] for s in stats])
+
+
+# ---- updates ---------------------------------------------------------------------------------------
 
 def actor_forward_step(cfg, temperature: float, scale: float, group=None):
     """Step function for the policy: clipped surrogate + optional KL loss - entropy bonus."""
@@ -103,7 +114,7 @@ def actor_forward_step(cfg, temperature: float, scale: float, group=None):
                 loss = loss + cfg.kl_coef * kl
             entropy = rl_math.masked_mean(token_entropy if cfg.entropy_coef else token_entropy.detach(),
                                           exp.action_mask, group)
-            stats.update(policy_loss=loss.item(), entropy=entropy.item())
+            stats.update(policy_loss=loss.detach(), entropy=entropy.detach())
             if cfg.entropy_coef:
                 loss = loss - cfg.entropy_coef * entropy
             return loss * scale, stats
@@ -113,11 +124,10 @@ def actor_forward_step(cfg, temperature: float, scale: float, group=None):
     return step
 
 
-def critic_forward_step(cfg, scale: float, group=None, on_values=None):
+def critic_forward_step(cfg, scale: float, group=None, returns_of=None):
     """Step function for the critic: clipped value loss. Without old values in the experience (a single
-    on-policy update) the pass scores the rollout itself: its values, before this update, are the old
-    values; the returns follow from them and `exp.rewards` by GAE, and `on_values(mb, values)` receives
-    them (the advantages for the actor are computed from them after this pass)."""
+    on-policy update) the pass scores the rollout itself: its values before this update are the old
+    values, and `returns_of(mb, values)` turns them into the returns (the trainer's GAE)."""
 
     def step(model, exp: Experience):
         values = model(exp.input_ids, select=exp.action_index)
@@ -127,10 +137,9 @@ def critic_forward_step(cfg, scale: float, group=None, on_values=None):
             old, returns = exp.old_values, exp.returns
             if old is None:
                 old = values.detach()
-                _, returns = rl_math.gae(exp.rewards, old, exp.action_mask, cfg.gamma, cfg.lam)
-                on_values(exp, old)
+                returns = returns_of(exp, old)
             loss, stats = rl_math.value_loss(values, old, returns, exp.action_mask, cfg.value_clip, group)
-            stats["value_loss"] = loss.item()
+            stats["value_loss"] = loss.detach()
             return loss * scale, stats
 
         return values, loss_fn

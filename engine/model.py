@@ -2,7 +2,9 @@
 
 Activations are [batch, seq, hidden]; under sequence parallelism the residual stream between blocks
 is split along seq across TP ranks. The LM head returns this rank's vocab slice of the logits
-(never gathered); `value_head` models return one scalar per token instead.
+(never gathered); `value_head` models return one scalar per token instead. Parameters and buffers live
+on the ParallelState's device. The decoder layers' linear GEMMs are FP8-capable (an fp8 precision
+policy runs them in FP8); embedding, heads, norms and attention stay in the parameter dtype.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from parallel.state import ParallelState
 
 
 def _norm(cfg: ModelConfig, state: ParallelState, sp: bool, dtype) -> RMSNorm:
-    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=state.device)
     # Under SP each rank normalises its own tokens, so its weight gradient is a partial sum.
     mark_replica(norm.weight, state.tp_group, grads_partial=sp)
     return norm
@@ -37,7 +39,8 @@ class Attention(nn.Module):
         self.hd, self.sliding_window = hd, cfg.sliding_window
         q_rows, kv_rows = self.n_q * hd, self.n_kv * hd
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 0, state.tp_group, bias=cfg.attention_bias,
-                                        sequence_parallel=sp, local_out_features=q_rows + 2 * kv_rows, dtype=dtype)
+                                        sequence_parallel=sp, local_out_features=q_rows + 2 * kv_rows, dtype=dtype,
+                                        fp8=True, device=state.device)
         if kv_share > 1:
             # Fewer KV heads than TP ranks: neighbouring ranks hold the same KV head and each sees only
             # its own queries' share of its gradient.
@@ -48,7 +51,7 @@ class Attention(nn.Module):
                 if p is not None:
                     mark_replica(p, group, grads_partial=True, row_start=q_rows)
         self.o_proj = RowParallelLinear(cfg.num_heads * hd, cfg.hidden_size, state.tp_group,
-                                        sequence_parallel=sp, dtype=dtype)
+                                        sequence_parallel=sp, dtype=dtype, fp8=True, device=state.device)
 
     def forward(self, x, cos, sin, mask, cache=None, rows=None):
         """rows ([b, r] positions, causal self-attention only): the output at those positions only."""
@@ -79,9 +82,9 @@ class MLP(nn.Module):
         super().__init__()
         f_local = cfg.intermediate_size // state.tp
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, 0, state.tp_group, sequence_parallel=sp,
-                                            local_out_features=2 * f_local, dtype=dtype)
+                                            local_out_features=2 * f_local, dtype=dtype, fp8=True, device=state.device)
         self.down = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, state.tp_group,
-                                      sequence_parallel=sp, dtype=dtype)
+                                      sequence_parallel=sp, dtype=dtype, fp8=True, device=state.device)
 
     def forward(self, x):
         return self.down(swiglu(self.gate_up(x)))
@@ -122,19 +125,20 @@ class Transformer(nn.Module):
         self.first, self.last = self.layer_ids.start == 0, self.layer_ids.stop == cfg.num_layers
         group = state.tp_group
         if self.first:
-            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, self.sp, dtype)
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, self.sp, dtype, state.device)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, state, self.sp, dtype) for i in self.layer_ids})
-        self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+        self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(state.device),
                              persistent=False)
         if self.last:
             self.norm = _norm(cfg, state, self.sp, dtype)
             if cfg.value_head:
-                self.value_head = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
+                self.value_head = nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, device=state.device)
                 mark_replica(self.value_head.weight, group)
             else:
                 self.head = ColumnParallelLinear(cfg.hidden_size, 0, group, sequence_parallel=self.sp,
                                                  local_out_features=vocab_slice(cfg, state.tp, 0)[0], dtype=dtype,
-                                                 skip_weight_param_allocation=cfg.tie_word_embeddings and self.first)
+                                                 skip_weight_param_allocation=cfg.tie_word_embeddings and self.first,
+                                                 device=state.device)
         if cfg.tie_word_embeddings and not cfg.value_head and self.first != self.last:
             # a tied embedding split across stages: the last stage keeps its own copy; the two copies'
             # gradients are summed over the embedding group so they stay equal

@@ -37,7 +37,7 @@ def resolve_rule(name: str):
 
 @dataclass
 class RewardConfig:
-    rules: dict = field(default_factory=lambda: {"arith": 1.0})
+    rules: dict[str, float] = field(default_factory=lambda: {"arith": 1.0})
     """Rule name (or module:function) -> weight."""
     model: str | None = None
     """Native checkpoint or HF dir of a trained reward model (scalar head); None for rules only."""

@@ -3,6 +3,7 @@
 Shapes: [batch, response_len]; `mask` is 1 on real response tokens (0 on padding after EOS).
 Functions that need batch statistics take an optional process group: the statistics are then
 gathered across data-parallel ranks, so whitening on 2 ranks equals whitening the concatenation.
+Everything stays on the inputs' device; loss statistics are returned as detached 0-dim tensors.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | N
         rewards = rewards - kl_coef * kl * mask
     last = (mask.sum(-1).long() - 1).clamp(min=0)
     has_tokens = mask.sum(-1) > 0
-    rewards[torch.arange(len(last)), last] += scores.float() * has_tokens
+    rewards[torch.arange(len(last), device=mask.device), last] += scores.float() * has_tokens
     return rewards
 
 
@@ -134,8 +135,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         # for negative advantages, bound the loss by -dual_clip * A so huge ratios cannot dominate
         capped = torch.minimum(loss, -advantages * dual_clip)
         loss = torch.where(advantages < 0, capped, loss)
-    stats = {"clip_frac": masked_mean(clipped, mask, group).item(),
-             "approx_kl": masked_mean(0.5 * (logp - old_logp).detach().square(), mask, group).item()}
+    stats = {"clip_frac": masked_mean(clipped, mask, group).detach(),
+             "approx_kl": masked_mean(0.5 * (logp - old_logp).detach().square(), mask, group)}
     return masked_mean(loss, mask, group), stats
 
 
@@ -146,7 +147,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     if clip is not None:
         v_clipped = old_values + (values - old_values).clamp(-clip, clip)
         err_clipped = (v_clipped - returns).square()
-        stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), mask, group).item()}
+        stats = {"value_clip_frac": masked_mean((err_clipped > err).float(), mask, group).detach()}
         err = torch.maximum(err, err_clipped)
     else:
         stats = {"value_clip_frac": 0.0}
@@ -178,8 +179,11 @@ class RunningMoments:
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-4
 
-    def update(self, x: torch.Tensor, group=None) -> None:
-        stats = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()))]).double()
+    def update(self, x: torch.Tensor, group=None, mask: torch.Tensor | None = None) -> None:
+        """Fold in the entries of x (those where mask is true; no boolean indexing, so no device sync
+        for a data-dependent shape)."""
+        m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+        stats = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
         comm.all_reduce(stats, group)
         s, ss, n = stats.tolist()
         if n == 0:

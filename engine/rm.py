@@ -1,7 +1,8 @@
-"""`trident rm`: reward-model training with the Bradley-Terry pairwise loss.
+"""`trident rm`: reward-model training with the Bradley-Terry pairwise loss, at any TP x PP x DP.
 
 Data: JSONL with `prompt`, `chosen`, `rejected`. The model is a scalar-head decoder; a sequence's
-score is the head's value at its last token (the EOS after the response). Loss: -log sigmoid(s_c - s_r).
+score is the head's value at its last token (the EOS after the response). Loss: -log sigmoid(s_c - s_r),
+averaged over the step's pairs on every DP rank (each rank takes its contiguous share of them).
 """
 from __future__ import annotations
 
@@ -16,38 +17,49 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.config import parse_run_args
+from engine.build import build_handle, check_parallel, check_precision, with_value_head
+from engine.config import ParallelConfig, PrecisionSettings, parse_run_args, validate
 from engine.data import read_jsonl
-from engine.errors import DataError
-from engine.model import Transformer
-from engine.ppo import _CriticSource
+from engine.errors import ConfigError, DataError
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
-from engine.train import DTYPES, OptimConfig, ParallelConfig, lr_at, save_checkpoint
-from parallel.grads import clip_grads, finalize_tp_grads
-from parallel.optimizer import MasterWeightAdamW, param_groups
+from parallel import comm
+from parallel.config import PositiveInt
+from parallel.optimizer import OptimConfig
 from parallel.state import init_parallel
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
-class RMConfig:
+class RMConfig(PrecisionSettings):
     init: str = "runs/demo_sft/checkpoint"
-    """Checkpoint to start from (a policy: its LM head is replaced by a zero scalar head)."""
+    """Checkpoint to start from (a policy: its LM head is replaced by a small random scalar head)."""
     tokenizer: str = "data/tokenizer.model"
+    """A sentencepiece .model, an HF tokenizer.json, or a directory holding one."""
     train: str = "data/prefs_train.jsonl"
+    """Preference pairs: JSONL with prompt, chosen, rejected."""
     eval: str | None = "data/prefs_eval.jsonl"
+    """Held-out pairs for the pairwise accuracy (None: no evaluation)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP / DP layout (pairs are split over DP ranks)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=5e-5, warmup_steps=10,
                                                                       weight_decay=0.0))
-    steps: int = 200
-    batch_pairs: int = 32
-    """Preference pairs per optimizer step."""
-    max_len: int = 64
+    """AdamW and its schedule."""
+    steps: PositiveInt = 200
+    """Optimizer steps."""
+    batch_pairs: PositiveInt = 32
+    """Preference pairs per optimizer step, over all DP ranks."""
+    micro_batch_pairs: PositiveInt | None = None
+    """Pairs per forward/backward on one rank (None: the rank's whole share of the step)."""
+    max_len: PositiveInt = 64
     """Longest prompt + response; longer pairs are skipped (and counted)."""
-    eval_every: int = 50
+    eval_every: PositiveInt = 50
+    """Evaluate every N steps (and after the last)."""
     seed: int = 0
-    dtype: str = "fp32"
+    """Seeds the head's init and the pair order."""
     out_dir: str = "runs/rm"
+    """Run directory: config.yaml, metrics.jsonl, checkpoint/."""
 
 
 def encode_pairs(records, tokenizer, max_len: int):
@@ -65,83 +77,97 @@ def encode_pairs(records, tokenizer, max_len: int):
     return pairs, skipped
 
 
-def pair_batch(pairs, pad_id: int):
+def pair_batch(pairs, pad_id: int) -> dict:
     """Chosen rows then rejected rows, right-padded, with each row's last-token column."""
     seqs = [c for c, _ in pairs] + [j for _, j in pairs]
     ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
-    return ids, torch.tensor([len(s) - 1 for s in seqs])
+    return {"input_ids": ids, "last": torch.tensor([len(s) - 1 for s in seqs])}
 
 
-def pair_scores(model, pairs, pad_id):
-    ids, last = pair_batch(pairs, pad_id)
-    scores = model(ids, select=last[:, None]).float().squeeze(1)
-    n = len(pairs)
-    return scores[:n], scores[n:]
+def bt_forward_step(total_pairs: int):
+    """(output, loss_fn) for the Bradley-Terry loss, normalised by the step's pairs on every rank."""
+    def step(model, mb):
+        scores = model(mb["input_ids"], select=mb["last"][:, None])
+
+        def loss_fn(scores):
+            s = scores.float().squeeze(1)
+            n = s.shape[0] // 2
+            margin = s[:n] - s[n:]
+            loss = -F.logsigmoid(margin).sum() / total_pairs
+            return loss, {"loss": loss.detach(), "right": (margin > 0).sum().detach(),
+                          "margin": margin.sum().detach()}
+
+        return scores, loss_fn
+    return step
 
 
-@torch.no_grad()
-def pairwise_accuracy(model, pairs, pad_id, batch: int = 64) -> float:
-    model.eval()
-    right = 0
-    for i in range(0, len(pairs), batch):
-        c, j = pair_scores(model, pairs[i:i + batch], pad_id)
-        right += int((c > j).sum())
-    model.train()
-    return right / len(pairs)
+def micro_batches(pairs, size: int, pad_id: int) -> list[dict]:
+    return [pair_batch(pairs[i:i + size], pad_id) for i in range(0, len(pairs), size)]
+
+
+def eval_batches(pairs, state, pad_id: int, batch: int = 64) -> list[dict]:
+    """This DP rank's contiguous share of the held-out pairs, as micro-batches (built once)."""
+    share = -(-len(pairs) // state.dp)
+    return micro_batches(pairs[state.dp_rank * share:(state.dp_rank + 1) * share], batch, pad_id)
+
+
+def pairwise_accuracy(handle, batches: list[dict], total_pairs: int) -> float:
+    """Held-out accuracy over every DP rank (each scores its own eval_batches)."""
+    state = handle.state
+    right = torch.zeros((), dtype=torch.float64, device=state.device)
+    for s in handle.score(bt_forward_step(1), batches) if batches else []:
+        right += s["right"]
+    return comm.all_reduce(right, state.dp_group).item() / total_pairs
 
 
 def train_rm(cfg: RMConfig) -> list[dict]:
-    source = ckpt.open_source(cfg.init)
+    validate(cfg)
+    source = with_value_head(ckpt.open_source(cfg.init), head_std=0.02, seed=cfg.seed)
     source.config.validate_tp(cfg.parallel.tp)
+    check_precision(cfg, source.config, cfg.parallel.tp)
+    if cfg.max_len > source.config.max_position_embeddings:
+        raise ConfigError(f"max_len {cfg.max_len} exceeds the model's max_position_embeddings "
+                          f"({source.config.max_position_embeddings})")
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(tokenizer, source.config.vocab_size)
-    train_pairs, skipped = encode_pairs(read_jsonl(cfg.train, ("prompt", "chosen", "rejected")), tokenizer, cfg.max_len)
-    eval_pairs = encode_pairs(read_jsonl(cfg.eval, ("prompt", "chosen", "rejected")), tokenizer, cfg.max_len)[0] \
-        if cfg.eval else []
+    train_pairs, skipped = encode_pairs(read_jsonl(cfg.train, PAIR_FIELDS), tokenizer, cfg.max_len)
+    eval_pairs = encode_pairs(read_jsonl(cfg.eval, PAIR_FIELDS), tokenizer, cfg.max_len)[0] if cfg.eval else []
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    model_cfg = source.config
-    if not model_cfg.value_head:
-        model_cfg, source = type(model_cfg)(**{**vars(model_cfg), "value_head": True}), _CriticSource(source, head_std=0.02, seed=cfg.seed)
-    model = Transformer(model_cfg, state, sequence_parallel=cfg.parallel.sequence_parallel,
-                        recompute=cfg.parallel.recompute, dtype=DTYPES[cfg.dtype])
-    ckpt.load_into(model, source)
-    opt = MasterWeightAdamW(param_groups(model.named_parameters(), cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=cfg.optim.betas, eps=cfg.optim.eps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = Path(cfg.out_dir)
+    if cfg.batch_pairs % state.dp:
+        raise ConfigError(f"batch_pairs ({cfg.batch_pairs}) must divide by the data-parallel size ({state.dp})")
+    share = cfg.batch_pairs // state.dp
+    micro = min(cfg.micro_batch_pairs or share, share)
+    check_parallel(cfg.parallel, source.config, -(-share // micro))
+    handle = build_handle(source, state, cfg.parallel, cfg, cfg.optim, cfg.steps, ids=lambda mb: mb["input_ids"])
+    held_out = eval_batches(eval_pairs, state, tokenizer.pad_id)
     main_rank = state.rank == 0
     run = RunLog(cfg.out_dir, cfg, main_rank)
-    log = run.log
-
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = torch.randperm(len(train_pairs), generator=gen), 0
-    bar = tqdm(range(1, cfg.steps + 1), desc="rm", disable=not main_rank, dynamic_ncols=True)
+    step_fn = bt_forward_step(cfg.batch_pairs)
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"rm[{cfg.precision}]", disable=not main_rank, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         if pos + cfg.batch_pairs > len(order):
             order, pos = torch.randperm(len(train_pairs), generator=gen), 0
         batch = [train_pairs[i] for i in order[pos:pos + cfg.batch_pairs].tolist()]
         pos += cfg.batch_pairs
-        chosen, rejected = pair_scores(model, batch, tokenizer.pad_id)
-        loss = -F.logsigmoid(chosen - rejected).mean()
-        loss.backward()
-        finalize_tp_grads(params)
-        norm = clip_grads(params, cfg.optim.clip_grad, [state.tp_group])
-        lr = lr_at(step - 1, cfg.optim, cfg.steps)
-        opt.set_lr(lr)
-        opt.step()
-        opt.zero_grad()
-        line = {"step": step, "loss": loss.item(), "accuracy": float((chosen > rejected).float().mean()),
-                "margin": float((chosen - rejected).detach().mean()), "lr": lr, "grad_norm": norm,
-                "pairs_per_s": len(batch) / (time.perf_counter() - t0), "skipped_pairs": skipped}
+        mine = batch[state.dp_rank * share:(state.dp_rank + 1) * share]
+        stats, metrics = handle.train_step(step_fn, micro_batches(mine, micro, tokenizer.pad_id))
+        totals = torch.tensor([[s[k] for k in ("loss", "right", "margin")] for s in stats], dtype=torch.float64,
+                              device=state.device).sum(0)
+        loss, right, margin = comm.all_reduce(totals, state.dp_group).tolist()
+        line = {"step": step, "loss": loss, "accuracy": right / cfg.batch_pairs, "margin": margin / cfg.batch_pairs,
+                **{k: v for k, v in metrics.items() if k != "skipped"},
+                "pairs_per_s": cfg.batch_pairs / (time.perf_counter() - t0), "skipped_pairs": skipped}
         if eval_pairs and (step % cfg.eval_every == 0 or step == cfg.steps):
-            line["eval_accuracy"] = pairwise_accuracy(model, eval_pairs, tokenizer.pad_id)
-        log(line)
+            line["eval_accuracy"] = pairwise_accuracy(handle, held_out, len(eval_pairs))
+        run.step(line)
         bar.set_postfix(loss=f"{line['loss']:.3f}", acc=f"{line.get('eval_accuracy', line['accuracy']):.3f}")
     run.close()
-    save_checkpoint(model, state, out / "checkpoint", cfg.tokenizer)
+    ckpt.save_native(handle.chunks, state, Path(cfg.out_dir) / "checkpoint", cfg.tokenizer)
     return run.history
 
 

@@ -33,7 +33,19 @@ class Rollout:
     """Log-prob of each sampled token under softmax(logits / temperature) of the generating weights."""
 
 
+def quiet_vllm(level: str = "warning") -> None:
+    """vLLM's log level, unless the user set VLLM_LOGGING_LEVEL: read when vllm is first imported and
+    inherited by its engine and worker processes (at info it prints hundreds of lines per run)."""
+    import logging
+    import sys
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())
+    if "vllm" in sys.modules:
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
+
+
 def vllm_available() -> bool:
+    quiet_vllm()
     try:
         import vllm  # noqa: F401
         return True
@@ -65,7 +77,7 @@ class VLLMRollout:
     name = "vllm"
 
     def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True,
-                 cpu_reserve: int = 0):
+                 cpu_reserve: int = 0, log_level: str = "warning"):
         chunks = model if isinstance(model, list) else [model]
         self.state, self.eos_id = chunks[0].state, eos_id
         self.is_driver = self.state.rank == 0
@@ -92,6 +104,7 @@ class VLLMRollout:
             # unless the run keeps some for the scheduler (rollout.vllm_cpu_reserve).
             cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(tp_gen, cpu_reserve),
                        "VLLM_CPU_NUM_OF_RESERVED_CPU": str(cpu_reserve)}
+            quiet_vllm(log_level)
             from vllm import LLM
             with _env_defaults(cpu_env):
                 self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,

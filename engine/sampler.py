@@ -124,6 +124,7 @@ def inference_mode(model):
 def generate(model, prompts: list[list[int]], params: SamplingParams, eos_id: int, pad_id: int):
     """Returns (responses: list of token lists, logprobs: list of float lists), EOS included."""
     b = len(prompts)
+    device = model.state.device
     plen = max(len(p) for p in prompts)
     ids = torch.full((b, plen), pad_id, dtype=torch.long)
     real = torch.zeros(b, plen + params.max_new_tokens, dtype=torch.bool)
@@ -131,14 +132,15 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, eos_id: in
         ids[i, plen - len(p):] = torch.tensor(p)
         real[i, plen - len(p):] = True
     real[:, plen:] = True
+    ids, real = ids.to(device), real.to(device)
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-    generator = torch.Generator().manual_seed(params.seed)
+    generator = torch.Generator(device=device).manual_seed(params.seed)
     cache = KVCache(len(model.layers), plen + params.max_new_tokens)
     out_tokens, out_logps = [], []
-    done = torch.zeros(b, dtype=torch.bool)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
     with inference_mode(model):
-        causal = torch.ones(plen, plen, dtype=torch.bool).tril()
-        eye = torch.eye(plen, dtype=torch.bool)
+        causal = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(plen, dtype=torch.bool, device=device)
         # pad queries see only themselves (no NaN rows); real queries skip pad keys
         mask = (causal & real[:, None, None, :plen]) | eye
         step_ids, step_pos = ids, positions[:, :plen]

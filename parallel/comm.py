@@ -49,18 +49,6 @@ def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def gather_to_first(t: torch.Tensor, group) -> list[torch.Tensor] | None:
-    """Every rank's tensor (same shape) on the group's first rank; None elsewhere."""
-    n = world(group)
-    if n == 1:
-        return [t]
-    t = t.contiguous()
-    first = dist.get_global_rank(group, 0)
-    parts = [torch.empty_like(t) for _ in range(n)] if dist.get_rank() == first else None
-    dist.gather(t, parts, dst=first, group=group)
-    return parts
-
-
 def broadcast_object(obj, group, src_in_group: int = 0):
     """A picklable object from the group's src rank to all of its ranks."""
     if world(group) == 1:
@@ -108,11 +96,6 @@ def broadcast(t: torch.Tensor, group, src_in_group: int = 0) -> torch.Tensor:
 def barrier(group=None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
-
-
-def all_reduce_object_max(value: float, group) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    return all_reduce(t, group, "max").item()
 
 
 def all_reduce_async(t: torch.Tensor, group):

@@ -5,7 +5,8 @@ Every gradient accumulates into one contiguous fp32 buffer (`param.main_grad` is
 in fp32 whatever the parameter dtype. The buffer is cut into buckets in reverse parameter order (the
 order backward produces gradients); when every gradient of a bucket is final, a post-accumulate-grad
 hook starts its all-reduce asynchronously, so communication overlaps the rest of the backward pass.
-`no_sync()` (all micro-batches but the last) sends nothing.
+`no_sync()` (all micro-batches but the last) sends nothing. With a group of None (one DP rank) it is
+only the fp32 gradient buffer: the same code, no communication.
 
 Gradients are *summed*: losses must be normalised by the global batch (all DP ranks), as trident's
 are (token counts and PPO statistics are all-reduced before the loss is formed).
@@ -30,7 +31,8 @@ class DistributedDataParallel:
         self.group = group
         self.sync_enabled = True
         total = sum(p.numel() for p in self.params)
-        self.buffer = torch.zeros(total, dtype=torch.float32)
+        device = self.params[0].device if self.params else None
+        self.buffer = torch.zeros(total, dtype=torch.float32, device=device)
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
         limit = int(bucket_mb * 1024**2 / 4)

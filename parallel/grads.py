@@ -1,7 +1,9 @@
-"""Gradient finalisation and the global gradient norm over a model split across TP (and PP) ranks."""
-from __future__ import annotations
+"""Gradient finalisation and the global gradient norm over a model split across TP (and PP) ranks.
 
-import math
+Everything stays on the gradients' device: the norm is a 0-dim float64 tensor, clipping multiplies by
+a device scalar, and nothing here synchronises with the host.
+"""
+from __future__ import annotations
 
 import torch
 
@@ -9,7 +11,7 @@ from parallel import comm
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor | None:
-    """A parameter's gradient: the fp32 `main_grad` under data parallelism (parallel/ddp.py), else .grad."""
+    """A parameter's gradient: the fp32 `main_grad` buffer view (parallel/ddp.py) when it has one, else .grad."""
     return p.main_grad if hasattr(p, "main_grad") else p.grad
 
 
@@ -24,33 +26,53 @@ def finalize_tp_grads(params) -> None:
 
 
 def local_grad_sq_sum(params) -> torch.Tensor:
-    """Sum of squared gradient entries this rank is responsible for (replicas counted once)."""
-    total = torch.zeros((), dtype=torch.float64)
+    """Sum of squared gradient entries this rank is responsible for (replicas counted once), float64."""
+    grads = []
+    device = None
     for p in params:
         g = grad_of(p)
         if g is None:
             continue
+        device = g.device
         rep = getattr(p, "replica", None)
         if rep is not None and not rep.is_owner:
             g = g[:rep.row_start]
-        total += g.double().square().sum() if g.numel() else 0.0
-    return total
+        if g.numel():
+            grads.append(g)
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm(grads, 2)
+    return torch.stack(norms).double().square().sum()
 
 
-def global_grad_norm(params, groups) -> float:
-    """L2 norm of the full model's gradient; `groups` are those across which the model is split."""
+def global_grad_norm(params, groups) -> torch.Tensor:
+    """L2 norm of the full model's gradient (device tensor); `groups` are those the model is split over."""
     sq = local_grad_sq_sum(params)
     for g in groups:
         comm.all_reduce(sq, g)
-    return math.sqrt(sq.item())
+    return sq.sqrt()
 
 
-def clip_grads(params, max_norm: float, groups) -> float:
+def scale_grads(params, factor: torch.Tensor) -> None:
+    """Multiply every gradient by a device scalar (unscaling and clipping in one pass)."""
+    grads = [g for g in (grad_of(p) for p in params) if g is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that brings the global norm down to max_norm (1 when it is below, or not finite)."""
+    one = torch.ones_like(norm)
+    if max_norm <= 0:
+        return one
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norm), factor, one)
+
+
+def clip_grads(params, max_norm: float, groups) -> torch.Tensor:
     """Scale gradients so the global norm is at most max_norm; returns the norm before clipping."""
     params = [p for p in params if grad_of(p) is not None]
     norm = global_grad_norm(params, groups)
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            grad_of(p).mul_(scale)
+    if max_norm > 0:
+        scale_grads(params, clip_factor(norm, max_norm))
     return norm

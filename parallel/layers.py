@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import matmul
 from parallel import comm
 
 
@@ -34,6 +35,19 @@ def mark_replica(param: nn.Parameter, group, grads_partial: bool = False, row_st
     param.replica = Replica(group, comm.rank_in(group) == 0, grads_partial, row_start)
 
 
+def _fp8_slots(layer: nn.Module, capable: bool) -> None:
+    """fp8_capable: this GEMM may run in FP8 under an fp8 precision policy, which then sets fp8_meta
+    (trident's FP8 GEMMs, parallel/fp8.py) or te (a Transformer Engine layer sharing the weight)."""
+    layer.fp8_capable, layer.fp8_meta, layer.te = capable, None, None
+
+
+def _linear(x, weight, bias, fp8_meta):
+    if fp8_meta is None:
+        return matmul.linear(x, weight, bias)
+    from parallel.fp8 import fp8_linear
+    return fp8_linear(x, weight, bias, fp8_meta)
+
+
 def divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} ({n}) is not divisible by tensor-parallel size {d}")
@@ -47,28 +61,34 @@ class ColumnParallelLinear(nn.Module):
     backward reduce-scatters); otherwise it is replicated and its gradient all-reduced.
     """
 
+    parallel_mode = "column"
+
     def __init__(self, in_features: int, out_features: int, group, bias: bool = False,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  local_out_features: int | None = None, dtype: torch.dtype | None = None,
-                 skip_weight_param_allocation: bool = False):
+                 skip_weight_param_allocation: bool = False, fp8: bool = False,
+                 device: torch.device | None = None):
         super().__init__()
         tp = comm.world(group)
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         self.in_features = in_features
         self.out_per_rank = local_out_features or divide(out_features, tp, "output features")
-        self.bias = nn.Parameter(torch.zeros(self.out_per_rank, dtype=dtype)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(self.out_per_rank, dtype=dtype, device=device)) if bias else None
         if skip_weight_param_allocation:  # the weight is passed to forward (tied embeddings)
             self.weight = None
         else:
-            self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype))
+            self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype, device=device))
             nn.init.normal_(self.weight, std=0.02)
+        _fp8_slots(self, fp8)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.te is not None:  # Transformer Engine's layer does its own TP/SP communication
+            return self.te(x)
         if self.sequence_parallel:
             x = comm.gather_from_sequence_parallel_region(x, self.group)
         else:
             x = comm.copy_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight if weight is None else weight, self.bias)
+        y = _linear(x, self.weight if weight is None else weight, self.bias, self.fp8_meta)
         return comm.gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
 
 
@@ -79,24 +99,29 @@ class RowParallelLinear(nn.Module):
     after the reduction.
     """
 
+    parallel_mode = "row"
+
     def __init__(self, in_features: int, out_features: int, group, bias: bool = False,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fp8: bool = False, device: torch.device | None = None):
         super().__init__()
         tp = comm.world(group)
         self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
         self.in_per_rank = divide(in_features, tp, "input features")
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
             mark_replica(self.bias, group, grads_partial=sequence_parallel)
+        _fp8_slots(self, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.te is not None:
+            return self.te(x)
         if not self.input_is_parallel:
             x = comm.scatter_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight)
+        y = _linear(x, self.weight, None, self.fp8_meta)
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:
@@ -117,14 +142,14 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, vocab_size: int, hidden: int, group, sequence_parallel: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
         tp = comm.world(group)
         self.group, self.sequence_parallel = group, sequence_parallel
         self.vocab_size = vocab_size
         self.per_rank = padded_vocab_size(vocab_size, tp) // tp
         self.vocab_start = comm.rank_in(group) * self.per_rank
-        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

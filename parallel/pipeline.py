@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from engine.errors import ConfigError
 from parallel import comm
+from parallel.errors import ConfigError
 
 
 def partition_layers(num_layers: int, pp: int, explicit: list[int] | None = None) -> list[range]:
@@ -46,12 +46,14 @@ def partition_layers(num_layers: int, pp: int, explicit: list[int] | None = None
     return ranges
 
 
-def forward_backward_no_pipelining(forward_step, model, micro_batches, forward_only: bool = False) -> list:
+def forward_backward_no_pipelining(forward_step, model, micro_batches, forward_only: bool = False,
+                                   loss_scale: float = 1.0) -> list:
     """Run every micro-batch forward (+ backward), accumulating gradients; returns each loss_fn's stats.
 
     forward_step(model, micro_batch) -> (output, loss_fn); loss_fn(output) -> (loss, stats). The loss
     must already be scaled for accumulation (e.g. divided by the step's token count), which keeps
     schedules loss-agnostic: the same schedule runs SFT, the PPO policy loss and the value loss.
+    `loss_scale` multiplies the loss before backward (fp16 loss scaling); stats are left as they are.
     """
     stats = []
     for mb in micro_batches:
@@ -59,9 +61,46 @@ def forward_backward_no_pipelining(forward_step, model, micro_batches, forward_o
             output, loss_fn = forward_step(model, mb)
             loss, s = loss_fn(output)
         if not forward_only:
-            loss.backward()
+            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         stats.append(s)
     return stats
+
+
+def stats_to_host(stats: list[dict]) -> list[dict]:
+    """0-dim tensors among loss_fn stats become Python floats, in one device-to-host copy (a step
+    syncs with the host once, not once per micro-batch); other values are kept."""
+    where = [(i, k) for i, s in enumerate(stats) for k, v in s.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
+    if not where:
+        return stats
+    values = torch.stack([stats[i][k].detach().double() for i, k in where]).tolist()
+    out = [dict(s) for s in stats]
+    for (i, k), v in zip(where, values):
+        out[i][k] = v
+    return out
+
+
+def share_stats(stats: list[dict] | None, state, src: int) -> list[dict]:
+    """The last stage's stats on every stage of the pipeline: numbers by one object broadcast,
+    tensors (e.g. per-token scores) by tensor broadcasts on the device."""
+    if state.pp == 1:
+        return stats
+    is_src = state.pp_rank == src
+    shapes = None
+    if is_src:
+        shapes = [{k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("value", v) for k, v in s.items()}
+                  for s in stats]
+    shapes = comm.broadcast_object(shapes, state.pp_group, src)
+    out = []
+    for i, meta in enumerate(shapes):
+        row = {}
+        for k, (shape, what) in meta.items():
+            if shape == "value":
+                row[k] = what
+                continue
+            t = stats[i][k].contiguous() if is_src else torch.empty(shape, dtype=what, device=state.device)
+            row[k] = comm.broadcast(t, state.pp_group, src)
+        out.append(row)
+    return out
 
 
 # ---- schedules: the order of actions on one rank ---------------------------------------------------
@@ -119,17 +158,19 @@ def shared(m: int, pp: int, rank: int, models: int = 2) -> list[Action]:
 
 @dataclass
 class PipelineJob:
-    """One model in a pipeline run: this rank's chunks, its step function and its micro-batches."""
+    """One model in a pipeline run: this rank's chunks, its step function and its micro-batches;
+    the last stage multiplies its losses by `loss_scale` before backward (fp16 loss scaling)."""
     chunks: list[torch.nn.Module]
     forward_step: Callable
     micro_batches: list
+    loss_scale: float = 1.0
     stats: list = field(default_factory=list)
 
 
 def run_pipeline(order: list[Action], jobs: list[PipelineJob], state, shape_fn: Callable, dtype: torch.dtype,
                  forward_only: bool = False) -> list[list]:
-    """Run `order` on this rank; returns, per job, the loss_fn stats of every micro-batch (gathered
-    from the last stage to every stage of the pipeline).
+    """Run `order` on this rank; returns, per job, the loss_fn stats of every micro-batch on every
+    stage of the pipeline (numbers as Python floats, tensors on the device; see share_stats).
 
     shape_fn(micro_batch) -> shape of the activation between stages for that micro-batch (every rank
     has the micro-batches, so shapes never travel). Non-first chunks get their input through
@@ -164,7 +205,7 @@ def run_pipeline(order: list[Action], jobs: list[PipelineJob], state, shape_fn: 
         if a.kind == "F":
             x = None
             if s > 0:
-                x = torch.empty(shape_fn(mb), dtype=dtype)
+                x = torch.empty(shape_fn(mb), dtype=dtype, device=state.device)
                 comm.p2p([], [(x, peers[(s - 1) % pp], tag(a.model, s - 1, False))])
                 x.requires_grad_(not forward_only)
                 job.chunks[a.chunk].set_input_tensor(x)
@@ -181,9 +222,9 @@ def run_pipeline(order: list[Action], jobs: list[PipelineJob], state, shape_fn: 
         else:
             x, out, shape = saved.pop(key)
             if s == last_stage:
-                out.backward()
+                (out * job.loss_scale if job.loss_scale != 1.0 else out).backward()
             else:
-                grad = torch.empty(shape, dtype=dtype)
+                grad = torch.empty(shape, dtype=dtype, device=state.device)
                 comm.p2p([], [(grad, peers[(s + 1) % pp], tag(a.model, s, True))])
                 _backward(out, grad)
             if s > 0:
@@ -192,16 +233,16 @@ def run_pipeline(order: list[Action], jobs: list[PipelineJob], state, shape_fn: 
     drain(block=True)
     results = []
     for job in jobs:
-        stats = [st for _, st in sorted(job.stats, key=lambda t: t[0])]
+        stats = stats_to_host([st for _, st in sorted(job.stats, key=lambda t: t[0])])
         job.stats = []
-        results.append(comm.broadcast_object(stats, state.pp_group, pp - 1))
+        results.append(share_stats(stats, state, pp - 1))
     return results
 
 
 def _free(out: torch.Tensor) -> None:
     """Drop a sent activation's data; its autograd graph (all backward needs) stays."""
     if out._base is None:
-        out.data = torch.empty((1,), dtype=out.dtype)
+        out.data = torch.empty((1,), dtype=out.dtype, device=out.device)
 
 
 def _backward(out: torch.Tensor, grad: torch.Tensor) -> None:

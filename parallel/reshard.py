@@ -85,7 +85,8 @@ class SharedTarget:
         """Move `param`'s storage into the file when its pieces (consecutive row blocks of it, in
         order) are adjacent contiguous blocks there, as every parameter's are at TP = 1. The optimizer's
         writes then land in place and `write` has nothing to copy for it. Returns whether it moved."""
-        if not self.writer or not pieces or not all(p.owner for p in pieces) or not param.is_contiguous():
+        if (not self.writer or not pieces or not all(p.owner for p in pieces) or not param.is_contiguous()
+                or param.device.type != "cpu"):  # a device's parameters stay on the device
             return False
         regions = [self._destination(p) for p in pieces]
         ptr = regions[0].data_ptr()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine.errors import ConfigError
+from parallel.errors import ConfigError
 
 
 @dataclass
@@ -33,6 +33,8 @@ class ParallelState:
     dp_ranks: list[int] = field(default_factory=lambda: [0])
     embed_group: object = None
     """First and last pipeline stage of this (dp, tp) position: where tied embeddings live twice."""
+    tp_dp_group: object = None
+    """Every TP and DP rank of this pipeline stage (Megatron's amax reduction group: FP8 scales)."""
     _subgroups: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -166,6 +168,8 @@ def build_state(rank: int, tp: int, pp: int, dp: int, device: torch.device) -> P
     state.tp_group, state.tp_ranks = make(tp_groups)
     state.pp_group, state.pp_ranks = make(pp_groups)
     state.dp_group, state.dp_ranks = make(dp_groups)
+    tp_dp_groups = [[(d * pp + p) * tp + t for d in range(dp) for t in range(tp)] for p in range(pp)]
+    state.tp_dp_group = make(tp_dp_groups)[0]
     if pp > 1:
         embed_groups = [[(d * pp) * tp + t, (d * pp + pp - 1) * tp + t] for d in range(dp) for t in range(tp)]
         found = make(embed_groups)

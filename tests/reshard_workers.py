@@ -4,14 +4,16 @@ import torch
 from engine.checkpoint import RandomSource, load_into
 from engine.rollout import VLLMRollout
 from engine.sampler import SamplingParams
-from engine.train import ParallelConfig, build_chunks
+from engine.build import build_chunks
+from engine.config import ParallelConfig
+from parallel.precision import PARAM_DTYPES
 from parallel.reshard import Piece
 from parallel.state import build_state
 
 
 def vllm_greedy_after_reshard(rank, world, cfg, prompts, tp_gen):
     state = build_state(rank, 2, 2, world // 4, torch.device("cpu"))
-    chunks = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=2, pp=2), state, "fp32")
+    chunks = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=2, pp=2), state, torch.float32)
     vllm = VLLMRollout(chunks, 2, max_model_len=cfg.max_position_embeddings, tp_gen=tp_gen)
     try:
         for c in chunks:  # an "update": new weights everywhere, then the in-place sync
@@ -30,7 +32,7 @@ def shared_file_with_adoption(rank, world, cfg, tp, dtype):
     from parallel.reshard import SharedTarget
 
     state = build_state(rank, tp, 1, world // tp, torch.device("cpu"))
-    model = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=tp), state, dtype)[0]
+    model = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=tp), state, PARAM_DTYPES[dtype])[0]
     target = SharedTarget(local_pieces(model), state.tp_group)
     before = [p.detach().clone() for p in model.parameters()]
     moved = adopt_parameters(target, model)

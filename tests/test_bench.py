@@ -11,16 +11,36 @@ def _last_json(capsys) -> dict:
     return json.loads(out[-1])
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_bench_train_tiny_vs_transformers(capsys, dtype):
-    assert bench.main(["train", "--size", "tiny", "--steps", "2", "--warmup", "1", "--dtype", dtype,
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_train_tiny_vs_transformers(capsys, precision):
+    assert bench.main(["train", "--size", "tiny", "--steps", "2", "--warmup", "1", "--precision", precision,
                        "--compare", "hf", "--peak-n", "256"]) == 0
     res = _last_json(capsys)
-    for key in ("tokens_per_s", "tflops", "mfu", "peak_gflops", "hf_tokens_per_s", "ratio", "flops_per_token"):
+    for key in ("tokens_per_s", "tflops", "mfu", "peak_tflops", "hf_tokens_per_s", "ratio", "flops_per_token"):
         assert res[key] > 0, key
-    assert res["dtype"] == dtype and res["size"] == "tiny"
+    assert res["precision"] == precision and res["size"] == "tiny" and list(res["precisions"]) == [precision]
     # same weights and batch on both sides: the first losses agree
-    assert abs(res["first_loss_engine"] - res["first_loss_hf"]) < (1e-4 if dtype == "fp32" else 2e-2)
+    assert abs(res["first_loss"] - res["first_loss_hf"]) < (1e-4 if precision == "fp32" else 2e-2)
+
+
+def test_bench_train_fp16_and_fp8_against_bf16_and_transformers(capsys):
+    """Each precision is timed with the handle that trains, against bf16 and transformers in one run."""
+    assert bench.main(["train", "--size", "tiny", "--hidden", "64", "--ffn", "192", "--steps", "2", "--warmup", "1",
+                       "--precision", "fp16,fp8", "--compare", "hf", "--peak-n", "256"]) == 0
+    res = _last_json(capsys)
+    assert list(res["precisions"]) == ["fp16", "fp8", "bf16"] and res["fp8_peak_tflops"] > 0
+    for p in ("fp16", "fp8"):
+        s = res["precisions"][p]
+        assert s["ratio_vs_bf16"] > 0 and s["ratio_vs_hf"] > 0 and s["mfu"] > 0
+        assert abs(s["first_loss"] - res["first_loss_hf"]) < 5e-2, (p, s["first_loss"], res["first_loss_hf"])
+    assert "ratio_vs_bf16" not in res["precisions"]["bf16"]
+
+
+def test_bench_train_rejects_bad_precision_and_fp8_widths(capsys):
+    assert bench.main(["train", "--size", "tiny", "--precision", "fp4"]) == 2
+    assert "--precision" in capsys.readouterr().err
+    assert bench.main(["train", "--size", "tiny", "--hidden", "72", "--precision", "fp8"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
 
 
 def test_bench_train_explicit_dims(capsys):

@@ -21,10 +21,10 @@ def test_bf16_params_follow_fp32_adamw_through_master_weights():
         opt.step()
         opt.zero_grad()
         ref_opt.step()
-    for p, r, m in zip(low, ref, opt.master_params):
+    for p, r, m in zip(low, ref, opt.masters):
         assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
         torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7)
         assert torch.equal(p, m.bfloat16())
     # 20 steps of ~1e-4 moved the fp32 masters, while a bf16-only update would have rounded most away
-    assert (opt.master_params[0] - low[0].float()).abs().max() > 0
-    assert (opt.master_params[0] - init[0].bfloat16().float()).abs().max() > 1e-3
+    assert (opt.masters[0] - low[0].float()).abs().max() > 0
+    assert (opt.masters[0] - init[0].bfloat16().float()).abs().max() > 1e-3

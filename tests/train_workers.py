@@ -18,20 +18,19 @@ def layout_logits(rank, world, ckpt_path, tp, pp):
     import torch
 
     from engine import checkpoint as ckpt
+    from engine.build import build_handle
+    from engine.config import ParallelConfig, PrecisionSettings
     from engine.sampler import gather_vocab
-    from engine.train import ParallelConfig, activation_shape, build_chunks, forward_backward
     from parallel.state import build_state
 
     state = build_state(rank, tp, pp, world // (tp * pp), torch.device("cpu"))
     source = ckpt.open_source(ckpt_path)
-    par = ParallelConfig(tp=tp, pp=pp)
-    chunks = build_chunks(source, source.config, par, state, "fp32")
+    handle = build_handle(source, state, ParallelConfig(tp=tp, pp=pp), PrecisionSettings(), None,
+                          ids=lambda mb: mb["input_ids"])
     ids = torch.randint(4, source.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
 
     def step(model, mb):
         out = model(mb["input_ids"])
         return out, lambda logits: (torch.zeros(()), {"logits": gather_vocab(logits, model)})
 
-    stats = forward_backward(step, chunks, [{"input_ids": ids}], state, par,
-                             activation_shape(source.config, state, False), forward_only=True)
-    return stats[0]["logits"]
+    return handle.score(step, [{"input_ids": ids}])[0]["logits"]

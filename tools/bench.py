@@ -1,7 +1,7 @@
 """`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline.
 
-    python -m tools.bench train --size M --dtype bf16 --compare hf [--compile]
-    python -m tools.bench ppo --size L --dtype bf16
+    python -m tools.bench train --size M --precision bf16,fp8 --compare hf [--compile]
+    python -m tools.bench ppo --size L --precision bf16
 
 Prints a human-readable summary, then, as the last line, one JSON object with every number.
 """
@@ -23,22 +23,24 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                     "same process, interleaved) and report tokens/s, model TFLOP/s (PaLM formula 6N + 12LHQT) "
                     "and MFU against a torch.mm peak measured in the same run. The last output line is one "
                     "JSON object with every number.",
-        epilog="example: trident bench train --size M --dtype bf16 --compare hf --compile")
+        epilog="example: trident bench train --size M --precision bf16,fp8 --compare hf --compile")
     p.add_argument("--size", default="S", choices=sorted(SIZES), help="named model/batch size (default S)")
     for name, what in [("hidden", "hidden size"), ("layers", "decoder layers"), ("heads", "attention heads"),
                        ("kv-heads", "key/value heads"), ("ffn", "MLP intermediate size"), ("vocab", "vocabulary"),
                        ("seq", "sequence length"), ("batch", "sequences per step")]:
         p.add_argument(f"--{name}", type=int, help=f"override the size's {what}")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
-                   help="engine params/activations dtype; bf16 keeps fp32 master weights (default bf16)")
+    p.add_argument("--precision", "--dtype", default="bf16", dest="precision",
+                   help="engine precision(s), comma-separated: fp32, bf16, fp16, fp8 (default bf16); fp16 and fp8 "
+                        "are also compared with bf16 in the same run (--dtype is the old name)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' LlamaForCausalLM (bf16: autocast)")
-    p.add_argument("--compile", nargs="?", const="layers", choices=["layers", "model"],
-                   help="also time the engine under torch.compile (inductor), same model and optimizer: "
-                        "per decoder layer (default) or the whole model forward; the loss is compiled too")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each engine with its decoder layers under torch.compile (same model and optimizer)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (default auto: cuda when available)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per runner (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per runner first (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the torch.mm peak (default 2048)")
+    p.add_argument("--peak-n", type=int, help="matrix size of the matmul peak (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
                    help="tuned (default): glibc mallopt so freed activations are reused instead of being "
                         "unmapped and page-faulted in again every step (process-wide: transformers gets it "
@@ -62,12 +64,13 @@ def _ppo_parser(sub) -> argparse.ArgumentParser:
                     "median time per phase, the vLLM weight-sync overhead against its own reload_weights, and "
                     "the speed-up over TRL's PPOTrainer measured at the same settings. The last output line is "
                     "one JSON object with every number.",
-        epilog="example: trident bench ppo --size L --dtype bf16")
+        epilog="example: trident bench ppo --size L --precision bf16")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="reference setting (default tiny)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default 64)")
     p.add_argument("--backend", default="auto", choices=["auto", "vllm", "native"],
                    help="rollout backend (default auto: vllm when installed)")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="model dtype (default bf16)")
+    p.add_argument("--precision", "--dtype", default="bf16", dest="dtype", choices=["fp32", "bf16", "fp16", "fp8"],
+                   help="the four models' precision policy (default bf16; --dtype is the old name)")
     p.add_argument("--old-logprobs", default="recompute", choices=["recompute", "rollout"],
                    help="old log-probs re-scored by the actor (default) or taken from the generator")
     p.add_argument("--vllm-compile", action="store_true",
@@ -139,25 +142,25 @@ def _report(lines: list[str], res: dict) -> int:
 
 
 def _fmt(res: dict) -> list[str]:
-    lines = [f"size {res['size']} {res['dims']}  dtype {res['dtype']}  threads {res['threads']}  "
+    lines = [f"size {res['size']} {res['dims']}  device {res['device_name']}  threads {res['threads']}  "
              f"malloc {res['malloc']}  engine attention {res['engine_attention']}  "
              f"tokens/step {res['tokens_per_step']}  model GFLOP/token {res['flops_per_token'] / 1e9:.3f}",
-             f"matmul peak ({res['dtype']}, {res['peak_n']}^2 torch.mm, best in run): {res['peak_gflops']:.1f} GFLOP/s",
-             f"engine           {res['tokens_per_s']:9.1f} tok/s  {res['tflops']:.3f} TFLOP/s  "
-             f"MFU {100 * res['mfu']:.1f}%  (best step {res['tokens_per_s_best']:.1f} tok/s)"]
-    if "compiled_tokens_per_s" in res:
-        lines.append(f"engine compiled  {res['compiled_tokens_per_s']:9.1f} tok/s  {res['compiled_tflops']:.3f} "
-                     f"TFLOP/s  MFU {100 * res['compiled_mfu']:.1f}%  (torch.compile {res['compile']}, "
-                     f"compile {res['compile_s']:.1f}s)")
+             f"matmul peak ({res['peak_dtype']}, {res['peak_n']}^3, best in run): {res['peak_tflops']:.3f} TFLOP/s"
+             + (f"; fp8 _scaled_mm {res['fp8_peak_tflops']:.3f} TFLOP/s" if "fp8_peak_tflops" in res else "")]
+    for name, s in res["precisions"].items():
+        line = (f"engine {name:14s} {s['tokens_per_s']:10.1f} tok/s  {s['tflops']:.3f} TFLOP/s  MFU {100 * s['mfu']:.1f}%"
+                f"  (best step {s['tokens_per_s_best']:.1f} tok/s)")
+        if "ratio_vs_hf" in s:
+            line += f"  vs transformers {s['ratio_vs_hf']:.2f}x (pairs {s['ratio_vs_hf_paired']:.2f}x)"
+        if "ratio_vs_bf16" in s:
+            line += f"  vs bf16 {s['ratio_vs_bf16']:.2f}x (pairs {s['ratio_vs_bf16_paired']:.2f}x)"
+        lines.append(line)
     if "hf_tokens_per_s" in res:
-        lines.append(f"transformers     {res['hf_tokens_per_s']:9.1f} tok/s  {res['hf_tflops']:.3f} TFLOP/s  "
-                     f"MFU {100 * res['hf_mfu']:.1f}%  ({res['hf_recipe']})")
-        lines.append(f"engine / transformers: {res['ratio']:.2f}x (medians; best steps {res['ratio_best']:.2f}x, "
-                     f"same-round pairs {res['ratio_paired']:.2f}x)")
-        if "compiled_ratio" in res:
-            lines.append(f"engine compiled / transformers: {res['compiled_ratio']:.2f}x (best steps "
-                         f"{res['compiled_ratio_best']:.2f}x, same-round pairs {res['compiled_ratio_paired']:.2f}x)")
-        lines.append(f"first-step loss engine {res['first_loss_engine']:.4f}  transformers {res['first_loss_hf']:.4f}")
+        lines.append(f"transformers          {res['hf_tokens_per_s']:10.1f} tok/s  {res['hf_tflops']:.3f} TFLOP/s  "
+                     f"MFU {100 * res['hf_mfu']:.1f}%  ({res['hf_recipe']}); first-step loss {res['first_loss_hf']:.4f} "
+                     f"vs engine {res['first_loss']:.4f}")
+    if "fp8" in res["precisions"] and res["device"] == "cpu":
+        lines.append("note: FP8 on CPU is for correctness (torch._scaled_mm emulates it); its speed is the GPU's")
     if res.get("other_runnable_at_start", 0) > 0:
         lines.append(f"note: {res['other_runnable_at_start']} other runnable task(s) when the run started: other "
                      "processes share the cores, so absolute numbers are low and noisy; the interleaved ratios "
@@ -168,21 +171,36 @@ def _fmt(res: dict) -> list[str]:
 def train(args) -> int:
     from dataclasses import replace
 
+    import torch
+
+    from parallel.precision import PRECISIONS
     from tools.bench_train import SIZES, run
 
     size = SIZES[args.size]
     over = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "seq", "batch")
             if getattr(args, k) is not None}
     size = replace(size, **over)
-    if args.steps < 1 or args.warmup < 1 or args.threads < 1 or args.peak_n < 1:
+    if args.steps < 1 or args.warmup < 1 or args.threads < 1 or (args.peak_n is not None and args.peak_n < 1):
         raise ConfigError("--steps, --warmup, --threads and --peak-n must be >= 1")
     bad = [k for k, v in over.items() if v < 1]
     if bad:
         raise ConfigError(f"--{bad[0].replace('_', '-')} must be >= 1")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise ConfigError(f"--precision takes {', '.join(PRECISIONS)} (comma-separated), got {args.precision!r}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device")
+    if "fp8" in precisions:
+        from engine.build import check_precision
+        from engine.config import PrecisionSettings
+        check_precision(PrecisionSettings(precision="fp8"), size.model_config(), 1)
     name = args.size + ("+" + ",".join(f"{k}={v}" for k, v in over.items()) if over else "")
-    res = run(size, args.dtype, steps=args.steps, warmup=args.warmup, compare=args.compare,
-              compile_mode=args.compile, threads=args.threads, peak_n=args.peak_n, size_name=name,
-              profile=args.profile, malloc=args.malloc, attention=args.attention)
+    res = run(size, precisions, steps=args.steps, warmup=args.warmup, compare=args.compare,
+              compile_layers=args.compile, threads=args.threads,
+              peak_n=args.peak_n or (8192 if device == "cuda" else 2048), size_name=name,
+              profile=args.profile, malloc=args.malloc, attention=args.attention, device=device)
     return _report(_fmt(res), res)
 
 

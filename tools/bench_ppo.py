@@ -46,7 +46,7 @@ TRL_SECONDS = {"tiny": {"step_s": 0.94},
 
 def _config(size: PPOSize, backend: str, dtype: str, old_logprobs: str):
     from engine.ppo import PPOConfig
-    cfg = PPOConfig(dtype=dtype, seed=0)
+    cfg = PPOConfig(precision=dtype, seed=0)
     cfg.rollout.backend = backend
     cfg.rollout.prompts_per_step = size.prompts
     cfg.rollout.max_new_tokens = size.response
@@ -116,7 +116,7 @@ def _sync_overhead(trainer, step_sync_s: float, rounds: int = 5) -> dict:
     llm.collective_rpc("trident_stage", args=(save({k: v.clone() for k, v in rollout.target.tensors().items()}),))
     ours, outer, inner = [], [], []
     for _ in range(rounds):
-        ours.append(rollout.sync(trainer.actor))
+        ours.append(rollout.sync(trainer.actor.chunks))
         t0 = time.perf_counter()
         inner.append(max(llm.collective_rpc("trident_reload_staged")))
         outer.append(time.perf_counter() - t0)

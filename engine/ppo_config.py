@@ -1,0 +1,140 @@
+"""`trident ppo`'s configuration: typed dataclasses, a docstring per field (checked by parallel/config.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.config import ParallelConfig, PrecisionSettings
+from engine.reward import RewardConfig
+from parallel.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["auto", "vllm", "native"] = "auto"
+    """auto (vllm when installed), vllm or native (the engine's own TP sampler on the training weights)."""
+    prompts: str = "data/arith_prompts.jsonl"
+    """JSONL with a `prompt` field (plus whatever the reward rules read, e.g. `answer`)."""
+    prompts_per_step: PositiveInt = 64
+    """Prompts sampled per PPO step (over all DP ranks; must divide by the DP size)."""
+    samples_per_prompt: PositiveInt = 1
+    """Responses sampled per prompt (the group the grpo / rloo baselines average over)."""
+    temperature: NonNegFloat = 1.0
+    """Sampling temperature (0: greedy); log-probs are of softmax(logits / temperature)."""
+    top_p: Fraction = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: NonNegInt = 0
+    """Keep the k most likely tokens (0 disables top-k)."""
+    max_new_tokens: PositiveInt = 8
+    """Longest response (prompts that leave no room for it in the context are skipped)."""
+    ignore_eos: bool = False
+    """Always generate max_new_tokens (benchmarks); EOS then ends nothing."""
+    vllm_tp: PositiveInt = 1
+    """vLLM's own tensor-parallel size."""
+    vllm_eager: bool = True
+    """Skip vLLM's graph compilation (fast start; compiled is faster per token)."""
+    vllm_cpu_reserve: NonNegInt = 0
+    """CPU only: cores vLLM's worker leaves free for its scheduler. 0 gives the worker every core (the
+    trainer is idle while vLLM generates; on 2 cores PPO L generates in 3.5 s instead of 5.0 s); 1 is
+    vLLM's own default, better for small batches whose steps are mostly scheduling (PPO tiny)."""
+    engine_log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    """Log level of the generation engine (vLLM): info shows its start-up and per-request logs."""
+
+
+@dataclass
+class AlgoConfig:
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    """gae: critic + GAE (PPO); grpo / rloo: critic-free baseline over each prompt's samples
+    (needs rollout.samples_per_prompt > 1; no critic is built or trained)."""
+    epochs: PositiveInt = 1
+    """Passes over each rollout buffer."""
+    minibatches: PositiveInt = 1
+    """Optimizer steps per epoch (the rollout buffer is split into this many minibatches)."""
+    micro_batch_size: PositiveInt = 64
+    """Rows per forward/backward (minibatches accumulate over micro-batches)."""
+    clip_eps: PositiveFloat = 0.2
+    """PPO's ratio clip: the surrogate is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    dual_clip: PositiveFloat | None = None
+    """Dual-clip bound c > 1 for negative advantages (Ye et al. 2020), or None."""
+    value_clip: PositiveFloat | None = 0.2
+    """Clip of the critic's new values around the old ones in its loss, or None."""
+    gamma: Fraction = 1.0
+    """Discount of GAE."""
+    lam: Fraction = 0.95
+    """GAE's lambda (bias / variance trade-off of the advantage)."""
+    kl_coef: NonNegFloat = 0.02
+    """Weight of the KL to the reference (in the reward or in the loss, see kl_mode)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (Schulman's k1, k2, k3); the `kl` metric reports the same estimate."""
+    kl_mode: Literal["reward", "loss"] = "reward"
+    """reward: -coef*KL folded into token rewards; loss: coef*KL added to the policy loss."""
+    kl_target: PositiveFloat | None = None
+    """Adaptive KL controller target (None: fixed coefficient). Its input is the batch mean of each
+    response's summed KL (TRL's convention), not the per-token mean."""
+    kl_horizon: PositiveInt = 10000
+    """Adaptive controller horizon (Ziegler et al. 2019): larger reacts more slowly."""
+    entropy_coef: NonNegFloat = 0.0
+    """Weight of the entropy bonus in the policy loss."""
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    """recompute: the actor re-scores the rollout before the update (exact in any precision);
+    rollout: take the generator's own sampled-token log-probs (saves one actor forward; they agree
+    with the trainer's to ~1e-6 in fp32, less in bf16)."""
+    fused_values: bool = True
+    """With a single on-policy update (1 epoch, 1 minibatch, pp = 1) the critic's update pass gives the
+    old values (its pre-update forward), saving the critic's scoring pass; the result is identical."""
+    whiten_advantages: bool = True
+    """Whiten GAE advantages over the batch (group advantages are already baselined per prompt)."""
+    normalize_rewards: bool = False
+    """Divide scores by a running std of all scores seen (mean kept)."""
+    ptx_coef: NonNegFloat = 0.0
+    """Weight of a pretraining/SFT loss mixed into the actor update (PPO-ptx)."""
+    ptx_data: str | None = None
+    """SFT JSONL for PPO-ptx."""
+
+
+@dataclass
+class EvalConfig:
+    path: str | None = "data/arith_eval.jsonl"
+    """Held-out prompts, answered greedily (None: no evaluation)."""
+    rules: dict[str, float] = field(default_factory=lambda: {"arith": 1.0})
+    """Rules that grade them: eval_accuracy = share of responses every rule scores >= 1 (with a reward
+    model, eval_reward = its mean score too). Empty: no accuracy."""
+    every: PositiveInt = 5
+    """Evaluate every N steps (and before the first and after the last)."""
+    limit: PositiveInt = 200
+    """At most this many held-out prompts."""
+
+
+@dataclass
+class PPOConfig(PrecisionSettings):
+    actor: str = "runs/demo_sft/checkpoint"
+    """Initial policy: native checkpoint or HF directory (the reference is a frozen copy)."""
+    critic: str | None = None
+    """Value-head checkpoint to start the critic from (e.g. the reward model); None: the actor's
+    weights with a zero-initialised value head."""
+    tokenizer: str = "data/tokenizer.model"
+    """A sentencepiece .model, an HF tokenizer.json, or a directory holding one."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward rules and / or a reward model."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation: engine, prompts, sampling."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """The RL algorithm: advantages, clipping, KL, epochs and minibatches."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out greedy evaluation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP / PP / DP layout of the four models (the same for each)."""
+    actor_lr: NonNegFloat = 1e-5
+    """The actor's constant learning rate."""
+    critic_lr: NonNegFloat = 5e-5
+    """The critic's constant learning rate."""
+    clip_grad: NonNegFloat = 1.0
+    """Clip each model's global gradient norm to this (0 disables)."""
+    steps: PositiveInt = 20
+    """PPO iterations (each: one rollout, then epochs x minibatches of updates)."""
+    seed: int = 0
+    """Seeds prompt order, sampling and minibatch order."""
+    out_dir: str = "runs/ppo"
+    """Run directory: config.yaml, metrics.jsonl, curves.png, actor/ (native), hf/."""
+    export_hf: bool = True
+    """Write the final actor as an HF directory (out_dir/hf) besides the native checkpoint."""
