@@ -34,3 +34,8 @@ def layout_logits(rank, world, ckpt_path, tp, pp):
         return out, lambda logits: (torch.zeros(()), {"logits": gather_vocab(logits, model)})
 
     return handle.score(step, [{"input_ids": ids}])[0]["logits"]
+
+
+def rm_history(rank, world, overrides):
+    from engine.rm import RMConfig, train_rm
+    return train_rm(load_config(RMConfig, None, overrides))
