@@ -145,3 +145,40 @@ def critic_forward_step(cfg, scale: float, group=None, returns_of=None):
         return values, loss_fn
 
     return step
+
+
+# ---- rollout log-probs and PPO-ptx -------------------------------------------------------------------
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def ptx_batches(path: str, tokenizer, seed: int):
+    """PPO-ptx's SFT rows (tokenised before anything starts); called with the state, an endless
+    stream of this DP rank's micro-batches."""
+    from engine.data import batches, pack_documents, read_jsonl, tokenize_documents
+    docs = tokenize_documents(read_jsonl(path), tokenizer, "sft", 64)
+    data = pack_documents(docs, 64, tokenizer.pad_id)
+
+    def stream(state):  # 8 rows a step over all DP ranks, so any DP size mixes in the same rows
+        for micro in batches(data, max(1, 8 // state.dp), 1, seed, state.dp_rank, state.dp):
+            yield micro[0]
+    return stream
+
+
+def ptx_forward_step(coef: float):
+    """The SFT loss (engine/train.py's) weighted by coef, normalised by the micro-batch's tokens over
+    every DP rank."""
+    from engine.data import IGNORE
+    from engine.train import lm_forward_step
+    from parallel import comm
+
+    def step(model, mb):
+        num_tokens = (mb["labels"] != IGNORE).sum().double()
+        comm.all_reduce(num_tokens, model.state.dp_group)
+        logits, loss_fn = lm_forward_step(model, {**mb, "num_tokens": num_tokens.clamp(min=1.0) / coef})
+        return logits, loss_fn
+    return step

@@ -22,7 +22,7 @@ from engine.config import parse_run_args, validate
 from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
 from engine.experience import (actor_forward_step, build_experience, critic_forward_step, gather_out,
-                               last_value_step, logprob_step, value_step)
+                               last_value_step, logprob_step, pad_rows, ptx_batches, ptx_forward_step, value_step)
 from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig  # noqa: F401 (public names)
 from engine.reward import resolve_rule, rule_scores
 from engine.rollout import make_rollout, vllm_available
@@ -132,7 +132,7 @@ class PPOTrainer:
         rows = slice(state.dp_rank * share, (state.dp_rank + 1) * share)
         exp = build_experience(prompts[rows], gen.responses[rows], valid[rows], self.pad_id)
         if cfg.algo.old_logprobs == "rollout":
-            exp.old_logp = _pad_rows(gen.logprobs[rows], exp.action_mask.shape[1])
+            exp.old_logp = pad_rows(gen.logprobs[rows], exp.action_mask.shape[1])
         exp = to_device(exp, state.device)
         scores, valid = scores[rows].to(state.device), valid[rows].to(state.device)
         if self.rm is not None:
@@ -305,7 +305,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     for other in (rm_source, critic_source):
         if other is not None:
             check_precision(cfg, other.config, cfg.parallel.tp)
-    ptx = _ptx_batches(cfg, tokenizer) if cfg.algo.ptx_coef else None
+    ptx = ptx_batches(cfg.algo.ptx_data, tokenizer, cfg.seed) if cfg.algo.ptx_coef else None
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if cfg.rollout.prompts_per_step % state.dp:
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must divide by the "
@@ -346,40 +346,6 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         from tools.plot import plot_metrics
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return run.history
-
-
-def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
-
-
-def _ptx_batches(cfg: PPOConfig, tokenizer):
-    """PPO-ptx's SFT rows (tokenised before anything starts); called with the state, an endless
-    stream of this DP rank's micro-batches."""
-    from engine.data import batches, pack_documents, tokenize_documents
-    docs = tokenize_documents(read_jsonl(cfg.algo.ptx_data), tokenizer, "sft", 64)
-    data = pack_documents(docs, 64, tokenizer.pad_id)
-
-    def stream(state):
-        for micro in batches(data, 8, 1, cfg.seed, state.dp_rank, state.dp):
-            yield micro[0]
-    return stream
-
-
-def ptx_forward_step(coef: float):
-    """The SFT loss (engine/train.py's) weighted by coef, normalised by the micro-batch's tokens over
-    every DP rank."""
-    from engine.data import IGNORE
-    from engine.train import lm_forward_step
-
-    def step(model, mb):
-        num_tokens = (mb["labels"] != IGNORE).sum().double()
-        comm.all_reduce(num_tokens, model.state.dp_group)
-        logits, loss_fn = lm_forward_step(model, {**mb, "num_tokens": num_tokens.clamp(min=1.0) / coef})
-        return logits, loss_fn
-    return step
 
 
 def main(argv: list[str]) -> int:

@@ -33,13 +33,17 @@ class Rollout:
     """Log-prob of each sampled token under softmax(logits / temperature) of the generating weights."""
 
 
+_USER_VLLM_LEVEL = os.environ.get("VLLM_LOGGING_LEVEL")
+
+
 def quiet_vllm(level: str = "warning") -> None:
     """vLLM's log level, unless the user set VLLM_LOGGING_LEVEL: read when vllm is first imported and
     inherited by its engine and worker processes (at info it prints hundreds of lines per run)."""
     import logging
     import sys
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level.upper())
+    if _USER_VLLM_LEVEL is None:
+        os.environ["VLLM_LOGGING_LEVEL"] = level.upper()
     if "vllm" in sys.modules:
         logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
 

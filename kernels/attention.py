@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.matmul import native_low_precision_gemm
+
 BLOCK = 64
 """Query rows per block (measured best at s=512: 64 beats 32, 96, 128)."""
 MIN_SEQ = 128
@@ -282,6 +284,13 @@ def _fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
             and native_kernel_available())
 
 
+def _upcast(q: torch.Tensor) -> bool:
+    """bf16 / fp16 on a CPU without native low-precision GEMMs (no AVX512-BF16 / AMX): torch's kernels
+    for them are ~10x slower than fp32 there, so attention runs in fp32 (kernels/matmul.py)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and not native_low_precision_gemm(q.dtype) and not torch.compiler.is_compiling())
+
+
 def _repeat_kv_heads(q, k, v, enable_gqa: bool):
     """k, v with as many heads as q (GQA: each KV head repeated for its group of query heads); our
     kernels take equal head counts and autograd sums the repeats' gradients back."""
@@ -302,6 +311,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """Drop-in for F.scaled_dot_product_attention: our kernels for causal self-attention on CPU."""
+    if _upcast(q):
+        return scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask, dropout_p, is_causal, scale,
+                                            enable_gqa).to(q.dtype)
     causal = (is_causal and attn_mask is None and dropout_p == 0.0 and q.device.type == "cpu" and q.dim() == 4
               and q.shape[-2] == k.shape[-2] and q.dtype == k.dtype == v.dtype)
     fused = causal and _fused_applies(q, k, v, scale, enable_gqa)
@@ -319,6 +331,8 @@ def attention_at_positions(q, k, v, q_pos: torch.Tensor, scale: float | None = N
     """Causal attention for chosen query rows: q [b, h, r, d] holds the queries of positions q_pos
     ([b, r] int64) of a sequence whose keys and values are k, v [b, h_kv, s, d]; query i sees keys
     0..q_pos[:, i]. The fused kernel where it applies, else torch's SDPA with the equivalent mask."""
+    if _upcast(q):
+        return attention_at_positions(q.float(), k.float(), v.float(), q_pos, scale, enable_gqa).to(q.dtype)
     k, v = _repeat_kv_heads(q, k, v, enable_gqa)
     if _fused_applies(q, k, v, scale, True, q_pos):
         return fused_causal_attention(q, k, v, scale, q_pos=q_pos)

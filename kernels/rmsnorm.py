@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.apex import nvidia_apex
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
@@ -53,7 +55,11 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Dispatch: the hand-written autograd kernel (same math as the reference) when dtypes agree."""
+    """Dispatch: NVIDIA apex's fused RMSNorm on CUDA where it imports; the hand-written autograd kernel
+    (same math as the reference) when dtypes agree."""
+    if x.is_cuda and weight.dtype == x.dtype and nvidia_apex() is not None:
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+        return fused_rms_norm_affine(x, weight, (x.shape[-1],), eps)
     if weight.dtype != x.dtype or x.dim() < 2 or torch.compiler.is_compiling():
         if x.dtype == torch.float32 and weight.dtype == torch.float32:
             return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.apex import nvidia_apex
 from parallel.config import NonNegFloat, NonNegInt, PositiveFloat
 from parallel.grads import grad_of
 
@@ -51,17 +52,6 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def nvidia_apex():
-    """NVIDIA's apex when importable with its fused kernels (never the unrelated PyPI package `apex`,
-    which has no `apex.optimizers`), else None."""
-    try:
-        import apex.normalization  # noqa: F401
-        import apex.optimizers
-        return apex if hasattr(apex.optimizers, "FusedAdam") else None
-    except Exception:
-        return None
 
 
 class MasterWeightAdamW:

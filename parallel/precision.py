@@ -57,9 +57,11 @@ class LossScaleConfig:
 class FP8Config:
     """FP8 GEMMs for the decoder's linear layers (HYBRID format: e4m3 forward, e5m2 gradients)."""
 
-    recipe: Literal["delayed", "current"] = "delayed"
-    """delayed: each tensor's scale comes from the amax history of earlier steps (Transformer Engine's
-    DelayedScaling); current: from the tensor's own amax, reduced over the TP group (tensor-wise)."""
+    recipe: Literal["delayed", "current"] = "current"
+    """current: each tensor's scale comes from its own amax, reduced over the TP group (tensor-wise;
+    TE's Float8CurrentScaling); delayed: from the amax history of earlier steps (TE's DelayedScaling),
+    reduced over TP and DP once per step. current is the default: no stale scales (measured closer to
+    bf16 on the demo SFT, README), at the price of one small TP all-reduce per quantized tensor."""
     amax_history: PositiveInt = 16
     """Steps of amax history per tensor (delayed scaling)."""
     amax_compute: Literal["max", "most_recent"] = "max"

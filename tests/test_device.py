@@ -17,11 +17,12 @@ CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layer
                   max_position_embeddings=64)
 
 
-def _handle(precision="fp32", value_head=False, device=META, optim=True):
+def _handle(precision="fp32", value_head=False, device=META, optim=True, fp8_recipe="current"):
+    from parallel.precision import FP8Config
     cfg = ModelConfig(**{**vars(CFG), "value_head": value_head})
     return build_handle(RandomSource(cfg, 0), ParallelState(device=device), ParallelConfig(),
-                        PrecisionSettings(precision=precision), OptimConfig() if optim else None, 10,
-                        ids=lambda mb: mb["input_ids"])
+                        PrecisionSettings(precision=precision, fp8=FP8Config(recipe=fp8_recipe)),
+                        OptimConfig() if optim else None, 10, ids=lambda mb: mb["input_ids"])
 
 
 def _sft_batch(rows=2, seq=16):
@@ -31,10 +32,11 @@ def _sft_batch(rows=2, seq=16):
             "doc_ids": torch.zeros(rows, seq, dtype=torch.long)}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "fp8"])
-def test_train_step_stays_on_the_device(precision):
+@pytest.mark.parametrize("precision,recipe", [("fp32", None), ("bf16", None), ("fp16", None), ("fp8", "current"),
+                                             ("fp8", "delayed")])
+def test_train_step_stays_on_the_device(precision, recipe):
     from engine.train import train_step
-    handle = _handle(precision)
+    handle = _handle(precision, fp8_recipe=recipe or "current")
     assert all(p.device == META for p in handle.params) and handle.ddp.buffer.device == META
     batches = [_sft_batch(), _sft_batch()]
     with DeviceGuard(META) as guard:
@@ -42,7 +44,7 @@ def test_train_step_stays_on_the_device(precision):
     assert set(line) >= {"loss", "grad_norm", "lr"} and guard.syncs >= 1
     assert all(t.device == META for t in handle.optimizer.exp_avg + handle.optimizer.masters)
     if precision == "fp8":
-        assert handle.fp8.scale.device == META and handle.fp8.started
+        assert handle.fp8.scale.device == META and handle.fp8.history.device == META
 
 
 def test_reward_model_step_and_scoring_stay_on_the_device():

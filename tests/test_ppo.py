@@ -133,3 +133,20 @@ def test_fused_values_equal_a_separate_critic_scoring_pass(actor, tmp_path, monk
         for k in keys:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
     assert separate[2]["value_loss"] != separate[0]["value_loss"]
+
+
+def test_ppo_ptx_at_dp2_matches_one_rank(actor, tmp_path):
+    """PPO-ptx: the SFT loss joins the actor's gradients before the DP reduction; two DP ranks mixing
+    in halves of the same rows give one rank's run, and the mix changes the run."""
+    args = _args(actor, tmp_path / "x", "--eval.path=null", "--export_hf=false", "--actor_lr=1e-3",
+                 '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--steps=3", "--algo.epochs=1",
+                 "--algo.minibatches=1", "--algo.micro_batch_size=8")
+    ptx = [*args, "--algo.ptx_coef=0.5", "--algo.ptx_data=data/arith_sft.jsonl"]
+    one = ppo(load_config(PPOConfig, None, ptx))
+    two = run_ranks(2, train_workers.ppo_history, ptx)
+    plain = ppo(load_config(PPOConfig, None, args))
+    for rank in two:
+        for a, b in zip(one, rank):
+            for k in ("reward_mean", "kl", "policy_loss", "entropy"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+    assert one[2]["kl"] != pytest.approx(plain[2]["kl"], rel=1e-3)

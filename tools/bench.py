@@ -1,4 +1,4 @@
-"""`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline.
+"""`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline, precision.
 
     python -m tools.bench train --size M --precision bf16,fp8 --compare hf [--compile]
     python -m tools.bench ppo --size L --precision bf16
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, TridentError
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -101,6 +101,35 @@ def _pipeline_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank for interleaved (default 2)")
     p.add_argument("--steps", type=int, default=1, help="timed steps per schedule after one warmup (default 1)")
     return p
+
+
+def _precision_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "precision", help="the demo SFT at each precision against bf16 (final loss, held-out accuracy); PPO demo",
+        description="Train tools/configs/demo_sft.yaml at bf16 and each given precision (same seed and data), grade "
+                    "each checkpoint's greedy answers on the held-out set, and report loss and accuracy against "
+                    "bf16; optionally run the PPO demo at one precision from the bf16 checkpoint. The last output "
+                    "line is one JSON object with every number.",
+        epilog="example: trident bench precision --precisions fp16,fp8 --ppo fp8")
+    p.add_argument("--precisions", default="fp16,fp8", help="comma-separated, compared with bf16 (default fp16,fp8)")
+    p.add_argument("--steps", type=int, help="SFT steps (default: the demo config's 1200)")
+    p.add_argument("--ppo", choices=["fp32", "bf16", "fp16", "fp8"], help="also run the PPO demo at this precision")
+    p.add_argument("--ppo-steps", type=int, default=100, help="PPO demo steps (default 100)")
+    p.add_argument("--out", default="runs/bench_precision", help="where the runs go (default runs/bench_precision)")
+    return p
+
+
+def precision(args) -> int:
+    from parallel.precision import PRECISIONS
+    from tools.bench_precision import format_result, run
+
+    wanted = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not wanted or any(p not in PRECISIONS for p in wanted):
+        raise ConfigError(f"--precisions takes {', '.join(PRECISIONS)} (comma-separated), got {args.precisions!r}")
+    if (args.steps is not None and args.steps < 1) or args.ppo_steps < 1:
+        raise ConfigError("--steps and --ppo-steps must be >= 1")
+    res = run(wanted, args.out, args.steps, args.ppo, args.ppo_steps)
+    return _report(format_result(res), res)
 
 
 def pipeline(args) -> int:
@@ -210,6 +239,7 @@ def main(argv: list[str]) -> int:
     _train_parser(sub)
     _ppo_parser(sub)
     _pipeline_parser(sub)
+    _precision_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -218,7 +248,9 @@ def main(argv: list[str]) -> int:
             return ppo(args)
         if args.command == "pipeline":
             return pipeline(args)
-    except ConfigError as e:
+        if args.command == "precision":
+            return precision(args)
+    except TridentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1
