@@ -157,9 +157,11 @@ class PPOTrainer:
         return gather_out(self.rm.score(last_value_step(), exp.micro_batches(self.cfg.algo.micro_batch_size)))
 
     def advantages(self, exp, scores, valid) -> torch.Tensor:
-        """Fill the token rewards / advantages; returns the per-token KL estimate (masked)."""
+        """Fill the token rewards / advantages; returns the per-token k1 KL (masked), which the `kl`
+        metric and the adaptive controller read (the reward is shaped with the configured estimator)."""
         algo = self.cfg.algo
-        kl = rl_math.kl_penalty(exp.old_logp, exp.ref_logp, algo.kl_estimator) * exp.action_mask
+        k1 = (exp.old_logp - exp.ref_logp) * exp.action_mask
+        kl = k1 if algo.kl_estimator == "k1" else rl_math.kl_from_log_ratio(k1, algo.kl_estimator) * exp.action_mask
         penalty = self.kl_ctl.value if algo.kl_mode == "reward" else 0.0
         if self.use_critic:
             exp.rewards = rl_math.token_rewards(scores, exp.action_mask, kl, penalty)
@@ -169,7 +171,7 @@ class PPOTrainer:
         else:
             seq_adv = rl_math.group_advantages(scores, self.cfg.rollout.samples_per_prompt, algo.advantage, valid)
             exp.advantages = rl_math.outcome_advantages(seq_adv, exp.action_mask, -penalty * kl)
-        return kl
+        return k1
 
     def gae(self, exp) -> tuple[torch.Tensor, torch.Tensor]:
         algo = self.cfg.algo

@@ -65,7 +65,8 @@ class AlgoConfig:
     kl_coef: NonNegFloat = 0.02
     """Weight of the KL to the reference (in the reward or in the loss, see kl_mode)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator (Schulman's k1, k2, k3); the `kl` metric reports the same estimate."""
+    """Per-token KL estimator (Schulman's k1, k2, k3) the reward (or loss) is shaped with; the `kl` metric
+    and the adaptive controller read k1."""
     kl_mode: Literal["reward", "loss"] = "reward"
     """reward: -coef*KL folded into token rewards; loss: coef*KL added to the policy loss."""
     kl_target: PositiveFloat | None = None

@@ -46,7 +46,11 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
 
     k1 = log r', k2 = (log r')^2 / 2, k3 = (r - 1) - log r, with r = pi_ref / pi and log r' = -log r.
     """
-    log_ratio = logp - ref_logp
+    return kl_from_log_ratio(logp - ref_logp, kind)
+
+
+def kl_from_log_ratio(log_ratio: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """kl_penalty from log pi - log pi_ref already formed (k1 is that difference itself)."""
     if kind == "k1":
         return log_ratio
     if kind == "k2":

@@ -10,6 +10,9 @@ Scaling (one FP8Meta per layer: scales for x, w and g):
   current  each tensor's scale comes from its own amax, all-reduced (MAX) over the TP group first, so
            every TP rank quantizes with the scale the unsplit tensor would get (TP2 == TP1 up to
            accumulation order).
+Scales are powers of two (the largest that keeps amax * scale <= fp8 max / 2^margin): exact in bf16,
+so quantizing and dequantizing add no error beyond FP8's own rounding (a bf16-rounded arbitrary scale
+would bias every product by up to 0.4%).
   delayed  Transformer Engine's DelayedScaling: the amax of every tensor seen during a step is
            recorded; at the step's end (FP8Group.step_end) the amaxes of all layers are all-reduced
            (MAX) in one collective over TP and DP, pushed into an amax history, and the next step's
@@ -36,9 +39,17 @@ def _fmax(which: int) -> float:
 
 
 def quantize(t: torch.Tensor, scale: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
-    """Saturating cast of t * scale to an FP8 format (values beyond its max clamp, never NaN)."""
+    """Saturating cast of t * scale to an FP8 format (values beyond its max clamp, never NaN), as a
+    row-major matrix (what cuBLASLt wants for _scaled_mm's first operand). The scale is a power of
+    two, so multiplying a bf16 tensor by it is exact and its reciprocal undoes it exactly."""
     fmax = torch.finfo(fmt).max
-    return torch.mul(t, scale).clamp_(-fmax, fmax).to(fmt)
+    return torch.mul(t, scale).clamp_(-fmax, fmax).to(fmt).contiguous()
+
+
+def pow2_scale(fmax, amax: torch.Tensor, margin: int = 0) -> torch.Tensor:
+    """The largest power of two s with amax * s <= fmax / 2^margin (1 where amax is 0 or not finite)."""
+    s = torch.exp2(torch.floor(torch.log2(fmax / amax)) - margin)
+    return torch.where((amax > 0) & torch.isfinite(amax), s, torch.ones_like(s))
 
 
 class FP8Group:
@@ -68,8 +79,8 @@ class FP8Group:
         self.history.copy_(torch.roll(self.history, 1, dims=0))
         self.history[0].copy_(self.pending)
         amax = self.history[0] if self.cfg.amax_compute == "most_recent" else self.history.amax(0)
-        new = self.fmax / amax / 2.0 ** self.cfg.margin
-        self.scale.copy_(torch.where((amax > 0) & torch.isfinite(amax), new, self.scale))
+        seen = (amax > 0) & torch.isfinite(amax)
+        self.scale.copy_(torch.where(seen, pow2_scale(self.fmax, amax, self.cfg.margin), self.scale))
         self.pending.zero_()
         self.started = True
 
@@ -97,7 +108,7 @@ class FP8Meta:
         amax = t.detach().abs().amax().float()
         if grp.cfg.recipe == "current" or not grp.started:
             comm.all_reduce(amax, grp.tp_group, "max")
-            scale = torch.where(amax > 0, grp.fmax[which] / amax, torch.ones_like(amax))
+            scale = pow2_scale(grp.fmax[which], amax, grp.cfg.margin)
         else:
             scale = grp.scale[self.index, which]
         if grp.cfg.recipe == "delayed":

@@ -56,6 +56,9 @@ def arm_fp8(chunks, policy: PrecisionPolicy, state) -> FP8Group | None:
         check_gemm_shape(name, m.weight)
     if policy.backend == "te":
         from parallel.te import arm_te_linear
+        if any(getattr(c, "recompute", False) for c in chunks):
+            raise ConfigError("fp8.backend=te with activation recompute: the recomputed forward would run outside "
+                              "TE's fp8_autocast; use fp8.backend=torch or parallel.recompute=false")
         for _, m in layers:
             arm_te_linear(m)
         return None
@@ -191,18 +194,19 @@ class ModelHandle:
             params[n].copy_(t)
         self.steps, self.skipped_steps = int(sd["steps"]), int(sd["skipped_steps"])
         if self.optimizer is not None and "optimizer" in sd:
-            o, opt = sd["optimizer"], self.optimizer
+            o = sd["optimizer"]
             names = {id(p): n for n, p in self.named}
-            opt.step_t.copy_(o["step"])
-            for i, p in enumerate(opt.model_params):
-                n = names[id(p)]
-                opt.exp_avg[i].copy_(o["exp_avg"][n])
-                opt.exp_avg_sq[i].copy_(o["exp_avg_sq"][n])
-                opt.masters[i].copy_(o["master"][n])
+            order = [names[id(p)] for p in self.optimizer.model_params]
+            self.optimizer.load_state_dict({"step": o["step"], **{k: [o[k][n] for n in order]
+                                                                 for k in ("exp_avg", "exp_avg_sq", "master")}})
         if self.precision.scaler is not None and "loss_scaler" in sd:
             self.precision.scaler.load_state_dict(sd["loss_scaler"])
         if self.fp8 is not None and "fp8" in sd:
             self.fp8.load_state_dict(sd["fp8"])
+        if "fp8_te" in sd:
+            modules = {n: m for c in self.chunks for n, m in c.named_modules() if getattr(m, "te", None) is not None}
+            for n, extra in sd["fp8_te"].items():
+                modules[n].te.set_extra_state(extra)
 
 
 def run_schedule(pairs: list[tuple[ModelHandle, PipelineJob]], forward_only: bool = False,

@@ -84,6 +84,7 @@ class MasterWeightAdamW:
     @torch.no_grad()
     def step(self) -> None:
         grads = self._grads()
+        self.step_t += 1
         if self.apex is not None:
             for m, g in zip(self.masters, grads):
                 m.grad = g
@@ -91,7 +92,6 @@ class MasterWeightAdamW:
                 group["lr"] = self.lr
             self.apex.step()
         else:
-            self.step_t += 1
             start = 0
             for wd, ps in self.groups:
                 idx = slice(start, start + len(ps))
@@ -109,6 +109,19 @@ class MasterWeightAdamW:
                 p.main_grad.zero_()
         for m in self.masters:
             m.grad = None
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """The inverse of state_dict (lists in model-parameter order)."""
+        self.step_t.copy_(sd["step"])
+        for mine, theirs in ((self.exp_avg, sd["exp_avg"]), (self.exp_avg_sq, sd["exp_avg_sq"]),
+                             (self.masters, sd["master"])):
+            torch._foreach_copy_(mine, [t.to(m.device) for t, m in zip(theirs, mine)])
+        if self.apex is not None:  # apex keeps its own moments and step count: hand it these
+            for m, a, b in zip(self.masters, self.exp_avg, self.exp_avg_sq):
+                self.apex.state[m] = {"exp_avg": a, "exp_avg_sq": b}
+            for group in self.apex.param_groups:
+                group["step"] = int(self.step_t.item())
 
     def state_dict(self) -> dict:
         """Moments and masters in model-parameter order (the handle names them)."""

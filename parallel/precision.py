@@ -145,6 +145,11 @@ class PrecisionPolicy:
                 raise ConfigError(f"fp8.backend=te needs transformer_engine.pytorch on CUDA (device {device}): "
                                   "install the `gpu` extra, or use fp8.backend=torch")
             self.backend = "te" if want == "te" or (want == "auto" and te_available(device)) else "torch"
+            if self.backend == "te" and self.fp8.recipe == "current":
+                from transformer_engine.common import recipe
+                if not hasattr(recipe, "Float8CurrentScaling"):
+                    raise ConfigError("fp8.recipe=current with fp8.backend=te needs Transformer Engine >= 2.2; "
+                                      "use fp8.recipe=delayed or fp8.backend=torch")
 
     @property
     def loss_scale(self) -> float:

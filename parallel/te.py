@@ -16,6 +16,11 @@ from parallel import comm
 def arm_te_linear(layer: torch.nn.Module) -> None:
     import transformer_engine.pytorch as te
 
+    from parallel.errors import ConfigError
+    if layer.sequence_parallel:
+        # TE splits the sequence along dim 0 ([s, b, h]); trident's activations are [b, s, h]
+        raise ConfigError("fp8.backend=te with sequence parallelism is not supported (TE's layout is sequence-first); "
+                          "use fp8.backend=torch or parallel.sequence_parallel=false")
     w = layer.weight
     tp = comm.world(layer.group)
     rows, cols = w.shape

@@ -3,9 +3,12 @@
 Inside `DeviceGuard(device)` every aten op must take and produce tensors on `device`. Allowed, because
 they are how a device program talks to its host: host-to-device uploads (`.to(device)`, copies into
 device tensors), host constants that are uploaded next (`torch.tensor(...)`; used on the host they
-are caught by the op that uses them), and device-to-host reads (`.item()`, `.tolist()`, `.cpu()`),
-which are counted as syncs. On the `meta` device (no data) those reads return zeros (booleans False,
-other scalars 1), so a whole train step runs on CPU-only machines and shows device propagation.
+are caught by the op that uses them), device-to-host reads (`.item()`, `.tolist()`, `.cpu()`, a copy
+into a host buffer), which are counted as syncs, as are ops whose output size depends on the data
+(nonzero, masked_select, unique); and the 0-dim CPU seed / offset tensors of CUDA's fused attention
+kernels (torch keeps its philox state on the host there). On the `meta` device (no data) the reads
+return zeros (booleans False, other scalars 1), so a whole train step runs on CPU-only machines and
+shows device propagation.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 _HOST_CONSTANTS = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+_DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
+                   aten.unique_consecutive.default, aten.unique_dim.default}
 
 
 class WrongDevice(RuntimeError):
@@ -53,14 +58,22 @@ class DeviceGuard(TorchDispatchMode):
                 return func(*args, **kwargs)
             if src.device.type == "cpu" and self._on(target):  # an upload
                 return func(*args, **kwargs)
-        if func is aten.copy_.default and self._on(args[0]):  # into a device tensor, from anywhere
-            return func(*args, **kwargs)
-        bad = [t for t in _tensors((args, kwargs)) if not self._on(t)]
+        if func is aten.copy_.default:
+            dst, src = args[0], args[1]
+            if self._on(dst) and (self._on(src) or src.device.type == "cpu"):  # an upload, or on the device
+                return func(*args, **kwargs)
+            if dst.device.type == "cpu" and self._on(src):  # a read into a host (e.g. pinned) buffer
+                self.syncs += 1
+                return dst if meta else func(*args, **kwargs)
+        if func in _DATA_DEPENDENT:
+            self.syncs += 1
+        attention = "attention" in str(func)  # CUDA SDPA kernels pass 0-dim CPU philox seed / offset tensors
+        bad = [t for t in _tensors((args, kwargs)) if not self._on(t) and not (attention and t.dim() == 0)]
         if bad:
             raise WrongDevice(f"{func} takes a {bad[0].device} tensor {tuple(bad[0].shape)} inside a "
                               f"{self.device} step")
         out = func(*args, **kwargs)
-        bad = [t for t in _tensors(out) if not self._on(t)]
+        bad = [t for t in _tensors(out) if not self._on(t) and not (attention and t.dim() == 0)]
         if bad:
             raise WrongDevice(f"{func} created a {bad[0].device} tensor {tuple(bad[0].shape)} inside a "
                               f"{self.device} step")

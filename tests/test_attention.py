@@ -102,7 +102,8 @@ def test_drop_in_routes_bf16_to_fused_kernel_with_and_without_grad(monkeypatch):
         assert (mine.grad.double() - exact.grad).abs().max() < 0.05 * exact.grad.abs().max()
 
 
-def test_drop_in_falls_back_to_torch():
+def test_drop_in_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(attention, "native_low_precision_gemm", lambda dtype: True)  # routing on a bf16 CPU
     q, k, v, _ = _inputs(2, 3, 300, 16, torch.bfloat16)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     mask = torch.ones(300, 300, dtype=torch.bool).tril()
@@ -139,7 +140,8 @@ def test_bf16_model_last_layer_runs_selected_rows_through_fused_kernel(monkeypat
 
 
 def test_without_the_fused_kernel_bf16_takes_the_blocked_kernel(monkeypatch):
-    # TRIDENT_CPU_KERNELS=0, no AVX512-BF16 or a failed build: training still gets the blocked kernel
+    # TRIDENT_CPU_KERNELS=0 or a failed build on a CPU with bf16 GEMMs: training still gets the blocked kernel
+    monkeypatch.setattr(attention, "native_low_precision_gemm", lambda dtype: True)
     monkeypatch.setenv("TRIDENT_CPU_KERNELS", "0")
     assert attention._load_native() is False
     monkeypatch.setattr(attention, "_native_ok", False)

@@ -44,12 +44,13 @@ def test_ppo_with_verifiable_reward_raises_held_out_accuracy(sft, tmp_path):
 
 def test_ppo_in_fp8_still_raises_held_out_accuracy(sft, tmp_path):
     """The PPO demo as shipped (150 steps) with the four models in fp8 (decoder GEMMs in FP8, current
-    scaling; the native sampler generates in fp8 too)."""
+    scaling; the native sampler generates and is graded in fp8 too). One eval of 200 problems moves by
+    a few points from one eval to the next, so the end is the mean of the last two (steps 125, 150)."""
     cfg = load_config(PPOConfig, "tools/configs/demo_ppo.yaml",
                       [f"--actor={sft}", f"--out_dir={tmp_path}/ppo", "--rollout.backend=native", "--precision=fp8",
-                       "--eval.every=75", "--export_hf=false"])
+                       "--eval.every=25", "--export_hf=false"])
     acc = _evals(ppo(cfg), "eval_accuracy")
-    assert acc[-1] - acc[0] >= 0.1 - 1e-6, acc  # accuracies are multiples of 1/200
+    assert (acc[-1] + acc[-2]) / 2 - acc[0] >= 0.1 - 1e-6, acc  # accuracies are multiples of 1/200
 
 
 def test_reward_model_reaches_90_percent_pairwise_accuracy(reward_model):

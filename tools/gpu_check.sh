@@ -21,11 +21,11 @@ start=$(date +%s)
 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-timeout 180 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+timeout -k 5 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 tests_rc=$?
 tail -15 "$OUT/gpu_tests.txt"
 
-timeout 300 $PY -m tools.bench train --size G1B --precision bf16,fp8 --compare hf --device cuda \
+timeout -k 5 270 $PY -m tools.bench train --size G1B --precision bf16,fp8 --compare hf --device cuda \
     --steps 6 --warmup 2 > "$OUT/bench_train_G1B.txt" 2>&1
 bench_rc=$?
 grep -v '^{' "$OUT/bench_train_G1B.txt" | tail -12
