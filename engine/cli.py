@@ -12,7 +12,7 @@ commands:
   train      pretraining / SFT (multi-rank: torchrun --nproc-per-node N -m engine.cli train ...)
   rm         reward-model training (Bradley-Terry pairs)
   ppo        PPO for RLHF (actor, critic, reference, reward; vLLM or native rollout)
-  bench      throughput benchmarks (bench train ...)
+  bench      benchmarks: bench train | ppo | pipeline | precision
 
 Run `trident <command> --help` for a command's options."""
 

@@ -6,7 +6,16 @@ CPU the worker's `reload_weights` re-packs them into its kernel layouts (a raw `
 """
 from __future__ import annotations
 
+import logging
 import time
+
+
+class _RotaryReloadNotice(logging.Filter):
+    """Every reload_weights warns "RotaryEmbedding: Failed to load weights": its cos/sin cache is
+    computed, never in a checkpoint, and vLLM puts it back. Expected each sync, so not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("RotaryEmbedding") and "Failed to load weights" in record.getMessage())
 
 
 class WeightSyncExtension:
@@ -26,6 +35,8 @@ class WeightSyncExtension:
         import torch
 
         maps = self.__dict__.setdefault("_trident_maps", {})
+        if not maps:
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         if path not in maps:
             size = max(start + nbytes for *_, start, nbytes in layout)
             maps[path] = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)

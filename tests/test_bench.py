@@ -106,3 +106,14 @@ def test_bench_ppo_native_tiny_reports_every_phase(capsys):
     parts = res["gen_s"] + res["sync_s"] + res["score_s"] + res["train_s"]
     assert res["step_s"] == pytest.approx(parts, rel=1e-3) and min(res["gen_s"], res["score_s"], res["train_s"]) > 0
     assert res["speedup_vs_trl"] == pytest.approx(res["trl_step_s"] / res["step_s"], rel=1e-2)
+
+
+def test_bench_precision_smoke(capsys, tmp_path):
+    """The precision benchmark end to end on 5 SFT steps (the reported numbers use the full demo)."""
+    assert bench.main(["precision", "--precisions", "fp16", "--steps", "5", "--out", str(tmp_path)]) == 0
+    res = _last_json(capsys)
+    assert list(res["sft"]) == ["bf16", "fp16"]
+    fp16 = res["sft"]["fp16"]
+    assert fp16["steps"] == 5 and 0 <= fp16["held_out_accuracy"] <= 1 and "loss_vs_bf16" in fp16
+    assert abs(fp16["loss_vs_bf16"]) < 0.05  # 5 steps from one init barely diverge
+    assert bench.main(["precision", "--precisions", "fp4"]) == 2

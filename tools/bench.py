@@ -111,10 +111,12 @@ def _precision_parser(sub) -> argparse.ArgumentParser:
                     "bf16; optionally run the PPO demo at one precision from the bf16 checkpoint. The last output "
                     "line is one JSON object with every number.",
         epilog="example: trident bench precision --precisions fp16,fp8 --ppo fp8")
-    p.add_argument("--precisions", default="fp16,fp8", help="comma-separated, compared with bf16 (default fp16,fp8)")
+    p.add_argument("--precisions", default="fp32,fp16,fp8",
+                   help="comma-separated, compared with bf16 (default fp32,fp16,fp8; fp32 shows the run-to-run spread)")
     p.add_argument("--steps", type=int, help="SFT steps (default: the demo config's 1200)")
     p.add_argument("--ppo", choices=["fp32", "bf16", "fp16", "fp8"], help="also run the PPO demo at this precision")
-    p.add_argument("--ppo-steps", type=int, default=100, help="PPO demo steps (default 100)")
+    p.add_argument("--ppo-steps", type=int, default=150, help="PPO demo steps (default 150, the demo's)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per precision (seeds 0..N-1), compared by their means")
     p.add_argument("--out", default="runs/bench_precision", help="where the runs go (default runs/bench_precision)")
     return p
 
@@ -126,9 +128,9 @@ def precision(args) -> int:
     wanted = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if not wanted or any(p not in PRECISIONS for p in wanted):
         raise ConfigError(f"--precisions takes {', '.join(PRECISIONS)} (comma-separated), got {args.precisions!r}")
-    if (args.steps is not None and args.steps < 1) or args.ppo_steps < 1:
-        raise ConfigError("--steps and --ppo-steps must be >= 1")
-    res = run(wanted, args.out, args.steps, args.ppo, args.ppo_steps)
+    if (args.steps is not None and args.steps < 1) or args.ppo_steps < 1 or args.seeds < 1:
+        raise ConfigError("--steps, --ppo-steps and --seeds must be >= 1")
+    res = run(wanted, args.out, args.steps, args.ppo, args.ppo_steps, args.seeds)
     return _report(format_result(res), res)
 
 

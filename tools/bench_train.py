@@ -12,7 +12,8 @@ Model FLOPs follow PaLM (Chowdhery et al. 2022, appendix B), the usual "model FL
 N: parameters that take part in matmuls (every decoder layer's projections + the LM head; the input
 embedding is a lookup and does not count), L layers, H query heads, Q head dim, T sequence length.
 The attention term counts the full (non-causal) score matrix, as PaLM and Megatron do. MFU is against
-the bf16 matmul peak measured in the run, for every precision (fp8's own GEMM peak is reported too).
+the bf16 matmul peak measured in the run, for every precision (fp8's own GEMM peak is reported too);
+on a CPU without native bf16 GEMMs, against the fp32 peak (the engine's GEMMs run in fp32 there).
 """
 from __future__ import annotations
 
@@ -257,7 +258,11 @@ def run(size: Size, precisions: list[str], steps: int = 8, warmup: int = 2, comp
     runners = list(engines)
     if compare == "hf":
         runners.append(HFRunner(cfg, autocast=wanted != ["fp32"], device=dev))
-    peak = MatmulPeak(torch.float32 if wanted == ["fp32"] else torch.bfloat16, peak_n, dev)
+    # the peak of the GEMMs the engine runs: bf16, but fp32 on CPUs without native bf16 GEMMs
+    # (kernels/matmul.py upcasts there; torch's bf16 kernel would read ~100x lower)
+    from kernels.matmul import native_low_precision_gemm
+    low = torch.bfloat16 if dev.type != "cpu" or native_low_precision_gemm(torch.bfloat16) else torch.float32
+    peak = MatmulPeak(torch.float32 if wanted == ["fp32"] else low, peak_n, dev)
     fp8_peak = MatmulPeak(torch.bfloat16, peak_n, dev, fp8=True) if "fp8" in wanted else None
     first_loss, compile_s = {}, {}
     for r in runners:
