@@ -11,6 +11,7 @@ commands:
   check-hf   compare engine and transformers logits on an HF model
   train      pretraining / SFT (multi-rank: torchrun --nproc-per-node N -m engine.cli train ...)
   rm         reward-model training (Bradley-Terry pairs)
+  dpo        Direct Preference Optimization on the same pairs (frozen reference)
   ppo        PPO for RLHF (actor, critic, reference, reward; vLLM or native rollout)
   bench      benchmarks: bench train | ppo | pipeline | precision
 
@@ -38,11 +39,15 @@ def _commands():
         from engine.rm import main
         return main(argv)
 
+    def dpo(argv):
+        from engine.dpo import main
+        return main(argv)
+
     def bench(argv):
         from tools.bench import main
         return main(argv)
 
-    return {"convert": convert, "check-hf": check_hf, "train": train, "ppo": ppo, "rm": rm, "bench": bench}
+    return {"convert": convert, "check-hf": check_hf, "train": train, "ppo": ppo, "rm": rm, "dpo": dpo, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,36 +98,37 @@ def gather_out(stats: list[dict]) -> torch.Tensor:
 
 # ---- updates ---------------------------------------------------------------------------------------
 
-def actor_forward_step(cfg, temperature: float, scale: float, group=None):
-    """Step function for the policy: clipped surrogate + optional KL loss - entropy bonus."""
+def actor_forward_step(cfg, temperature: float, norm: rl_math.LossNorm):
+    """Step function for the policy: clipped surrogate + optional KL loss - entropy bonus, each
+    aggregated by cfg.loss_agg over the minibatch that `norm` counts (this micro-batch's share of it)."""
 
     def step(model, exp: Experience):
         logits = model(exp.input_ids, select=exp.action_index)
 
         def loss_fn(logits):
             logp, token_entropy = action_log_probs_and_entropy(model, logits, exp, temperature)
-            loss, stats = rl_math.policy_loss(logp, exp.old_logp, exp.advantages, exp.action_mask,
-                                              cfg.clip_eps, cfg.dual_clip, group)
+            mask = exp.action_mask
+            loss, stats = rl_math.policy_loss(logp, exp.old_logp, exp.advantages, mask, *cfg.clip_range(),
+                                              cfg.dual_clip, cfg.log_ratio_clamp, cfg.loss_agg, norm)
             if cfg.kl_mode == "loss":
-                kl = rl_math.masked_mean(rl_math.kl_penalty(logp, exp.ref_logp, cfg.kl_estimator), exp.action_mask,
-                                         group)
-                loss = loss + cfg.kl_coef * kl
-            entropy = rl_math.masked_mean(token_entropy if cfg.entropy_coef else token_entropy.detach(),
-                                          exp.action_mask, group)
-            stats.update(policy_loss=loss.detach(), entropy=entropy.detach())
+                kl = rl_math.kl_penalty(logp, exp.ref_logp, cfg.kl_estimator, cfg.kl_clamp)
+                loss = loss + cfg.kl_coef * rl_math.agg_loss(kl, mask, cfg.loss_agg, norm)
+            stats.update(policy_loss=loss.detach(),
+                         entropy=rl_math.agg_loss(token_entropy.detach(), mask, "token-mean", norm))
             if cfg.entropy_coef:
-                loss = loss - cfg.entropy_coef * entropy
-            return loss * scale, stats
+                loss = loss - cfg.entropy_coef * rl_math.agg_loss(token_entropy, mask, cfg.loss_agg, norm)
+            return loss, stats
 
         return logits, loss_fn
 
     return step
 
 
-def critic_forward_step(cfg, scale: float, group=None, returns_of=None):
-    """Step function for the critic: clipped value loss. Without old values in the experience (a single
-    on-policy update) the pass scores the rollout itself: its values before this update are the old
-    values, and `returns_of(mb, values)` turns them into the returns (the trainer's GAE)."""
+def critic_forward_step(cfg, norm: rl_math.LossNorm, returns_of=None):
+    """Step function for the critic: clipped value loss (aggregated like the actor's). Without old
+    values in the experience (a single on-policy update) the pass scores the rollout itself: its values
+    before this update are the old values, and `returns_of(mb, values)` turns them into the returns
+    (the trainer's GAE)."""
 
     def step(model, exp: Experience):
         values = model(exp.input_ids, select=exp.action_index)
@@ -138,9 +139,9 @@ def critic_forward_step(cfg, scale: float, group=None, returns_of=None):
             if old is None:
                 old = values.detach()
                 returns = returns_of(exp, old)
-            loss, stats = rl_math.value_loss(values, old, returns, exp.action_mask, cfg.value_clip, group)
+            loss, stats = rl_math.value_loss(values, old, returns, exp.action_mask, cfg.value_clip, cfg.loss_agg, norm)
             stats["value_loss"] = loss.detach()
-            return loss * scale, stats
+            return loss, stats
 
         return values, loss_fn
 

@@ -120,7 +120,7 @@ class PPOTrainer:
         stats = self.update(exp)
         self.synced = False
         train_s = time.perf_counter() - t0
-        return self.metrics(step, gen, raw_scores, valid, kl, stats,
+        return self.metrics(step, gen, raw_scores, valid, kl, exp.action_mask, stats,
                             {"sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s})
 
     def reward(self, prompts, gen, rule_fn):
@@ -158,19 +158,25 @@ class PPOTrainer:
 
     def advantages(self, exp, scores, valid) -> torch.Tensor:
         """Fill the token rewards / advantages; returns the per-token k1 KL (masked), which the `kl`
-        metric and the adaptive controller read (the reward is shaped with the configured estimator)."""
-        algo = self.cfg.algo
-        k1 = (exp.old_logp - exp.ref_logp) * exp.action_mask
-        kl = k1 if algo.kl_estimator == "k1" else rl_math.kl_from_log_ratio(k1, algo.kl_estimator) * exp.action_mask
+        metrics and the adaptive controller read (the reward is shaped with the configured estimator)."""
+        algo, mask = self.cfg.algo, exp.action_mask
+        k1 = (exp.old_logp - exp.ref_logp) * mask
+        kl = rl_math.kl_from_log_ratio(k1, algo.kl_estimator, algo.kl_clamp) * mask
         penalty = self.kl_ctl.value if algo.kl_mode == "reward" else 0.0
+        group = self.cfg.rollout.samples_per_prompt
         if self.use_critic:
-            exp.rewards = rl_math.token_rewards(scores, exp.action_mask, kl, penalty)
+            exp.rewards = rl_math.token_rewards(scores, mask, kl, penalty)
             if exp.old_values is not None:  # else the critic's update pass provides the values first
                 exp.advantages, exp.returns = self.gae(exp)
                 self.whiten(exp)
+        elif algo.advantage.startswith("reinforce_pp"):
+            if algo.advantage == "reinforce_pp_baseline":
+                scores = rl_math.group_advantages(scores, group, "dr_grpo", valid)  # centred on the group mean
+            rewards = rl_math.token_rewards(scores, mask, kl, penalty)
+            exp.advantages = rl_math.reinforce_pp_advantages(rewards, mask, algo.gamma, self.state.dp_group)
         else:
-            seq_adv = rl_math.group_advantages(scores, self.cfg.rollout.samples_per_prompt, algo.advantage, valid)
-            exp.advantages = rl_math.outcome_advantages(seq_adv, exp.action_mask, -penalty * kl)
+            seq_adv = rl_math.group_advantages(scores, group, algo.advantage, valid)
+            exp.advantages = rl_math.outcome_advantages(seq_adv, mask, -penalty * kl)
         return k1
 
     def gae(self, exp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,15 +197,16 @@ class PPOTrainer:
         goes first: its pass scores the rollout, then the actor's advantages follow from those values."""
         cfg, algo, state = self.cfg, self.cfg.algo, self.state
         sums: dict[str, float] = {}
-        count = 0
+        updates = 0
         for _ in range(algo.epochs):
             perm = list(range(len(exp)))
             self.order_rng.shuffle(perm)  # host-side: the minibatch order is control flow, not data
             order = torch.tensor(perm, device=state.device)
             for rows in order.chunk(algo.minibatches):
                 micro = exp.micro_batches(algo.micro_batch_size, rows)
-                dp, scale = state.dp_group, 1.0 / len(micro)  # losses: means over every DP rank's tokens
-                actor_step = actor_forward_step(algo, cfg.rollout.temperature, scale, dp)
+                # the minibatch's tokens and sequences on every DP rank: each micro-batch's loss is its share
+                norm = rl_math.LossNorm.of(exp.action_mask[rows], state.dp_group)
+                actor_step = actor_forward_step(algo, cfg.rollout.temperature, norm)
                 if self.ptx_iter is not None:  # PPO-ptx: its gradients join the actor's before the DP reduction
                     self.actor.forward_backward(ptx_forward_step(algo.ptx_coef), [next(self.ptx_iter)], sync=False)
                 if exp.old_values is None and self.critic is not None:
@@ -209,7 +216,7 @@ class PPOTrainer:
                         values.append(old)
                         return self.gae(type(mb)(**{**vars(mb), "old_values": old}))[1]
 
-                    critic_stats = self.critic.forward_backward(critic_forward_step(algo, scale, dp, returns_of), micro)
+                    critic_stats = self.critic.forward_backward(critic_forward_step(algo, norm, returns_of), micro)
                     exp.old_values = torch.empty_like(exp.rewards)
                     exp.old_values[rows] = torch.cat(values)
                     exp.advantages, exp.returns = self.gae(exp)
@@ -219,7 +226,7 @@ class PPOTrainer:
                 else:
                     runs = [(self.actor, actor_step, micro)]
                     if self.critic is not None:
-                        runs.append((self.critic, critic_forward_step(algo, scale, dp), micro))
+                        runs.append((self.critic, critic_forward_step(algo, norm, None), micro))
                     stats = joint_forward_backward(runs)
                 self.actor.step()
                 if self.critic is not None:
@@ -227,22 +234,26 @@ class PPOTrainer:
                 for s in (x for model_stats in stats for x in model_stats):
                     for k, v in s.items():
                         sums[k] = sums.get(k, 0.0) + v
-                count += len(micro)
-        return {k: v / count for k, v in sums.items()}
+                updates += 1
+        # micro-batch stats are shares of their minibatch on this rank: summed, then (in metrics) over DP
+        return {k: v / updates for k, v in sums.items()}
 
-    def metrics(self, step, gen, raw_scores, valid, kl, stats, times) -> dict:
+    def metrics(self, step, gen, raw_scores, valid, kl, mask, stats, times) -> dict:
         """The step's line: batch statistics over every DP rank, loss statistics, timings."""
         state = self.state
         tot = comm.all_reduce(torch.stack([(raw_scores * valid).sum(), (kl.sum(-1) * valid).sum(),
-                                           valid.sum().double()]).double(), state.dp_group).tolist()
+                                           valid.sum().double(), mask.sum().double()]).double(),
+                              state.dp_group).tolist()
         if stats:
-            means = torch.tensor(list(stats.values()), dtype=torch.float64, device=state.device)
-            stats = dict(zip(stats, (comm.all_reduce(means, state.dp_group) / state.dp).tolist()))
+            sums = torch.tensor(list(stats.values()), dtype=torch.float64, device=state.device)
+            stats = dict(zip(stats, comm.all_reduce(sums, state.dp_group).tolist()))
         mean_kl = tot[1] / tot[2] if tot[2] else 0.0
-        self.kl_ctl.update(mean_kl, len(gen.responses))
+        kl_per_token = tot[1] / tot[3] if tot[3] else 0.0
+        self.kl_ctl.update(mean_kl if self.cfg.algo.kl_controller_input == "seq-sum" else kl_per_token,
+                           len(gen.responses))
         gen_tokens = sum(len(r) for r in gen.responses)
         return {"step": step, "reward_mean": tot[0] / tot[2] if tot[2] else float("nan"),
-                "kl": mean_kl, "kl_coef": self.kl_ctl.value, **stats,
+                "kl": mean_kl, "kl_per_token": kl_per_token, "kl_coef": self.kl_ctl.value, **stats,
                 "response_len": gen_tokens / len(gen.responses),
                 "gen_tokens_per_s": gen_tokens / max(times["gen_s"], 1e-9), **times,
                 "step_s": sum(times.values()), "skipped_samples": len(gen.responses) - int(tot[2])}
@@ -269,7 +280,7 @@ class PPOTrainer:
 def check_config(cfg: PPOConfig) -> None:
     """Everything a PPO run refers to, resolved before any model or engine starts."""
     validate(cfg)
-    if cfg.algo.advantage != "gae" and cfg.rollout.samples_per_prompt < 2:
+    if cfg.algo.advantage not in ("gae", "reinforce_pp") and cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs rollout.samples_per_prompt >= 2")
     if cfg.parallel.virtual_stages != 1:
         raise ConfigError("ppo pipelines actor and critic in one shared 1F1B schedule: parallel.virtual_stages must be 1")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from engine.config import ParallelConfig, PrecisionSettings
 from engine.reward import RewardConfig
-from parallel.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+from parallel.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 
 
 @dataclass
@@ -43,19 +43,42 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: Literal["gae", "grpo", "rloo"] = "gae"
-    """gae: critic + GAE (PPO); grpo / rloo: critic-free baseline over each prompt's samples
-    (needs rollout.samples_per_prompt > 1; no critic is built or trained)."""
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "gae"
+    """gae: critic + GAE (PPO; OpenRLHF, veRL `gae`). Critic-free (no critic is built or trained):
+    grpo: (r - group mean) / group std (DeepSeekMath; veRL `grpo`, OpenRLHF `group_norm`);
+    dr_grpo: r - group mean (Dr. GRPO, Liu et al. 2025; pair it with loss_agg seq-mean-token-sum);
+    rloo: r - mean of the prompt's other samples (Ahmadian et al. 2024; veRL / OpenRLHF `rloo`);
+    reinforce_pp: the return of the KL-shaped token rewards whitened over the global batch (REINFORCE++,
+    Hu et al. 2025; OpenRLHF `reinforce`, veRL `reinforce_plus_plus`); reinforce_pp_baseline: the same
+    after centring each score on its group's mean (OpenRLHF `reinforce_baseline`). The group methods
+    need rollout.samples_per_prompt > 1; a prompt with a single valid sample gets advantage 0."""
     epochs: PositiveInt = 1
     """Passes over each rollout buffer."""
     minibatches: PositiveInt = 1
     """Optimizer steps per epoch (the rollout buffer is split into this many minibatches)."""
     micro_batch_size: PositiveInt = 64
     """Rows per forward/backward (minibatches accumulate over micro-batches)."""
-    clip_eps: PositiveFloat = 0.2
-    """PPO's ratio clip: the surrogate is clipped to [1 - clip_eps, 1 + clip_eps]."""
-    dual_clip: PositiveFloat | None = None
-    """Dual-clip bound c > 1 for negative advantages (Ye et al. 2020), or None."""
+    clip_eps: Annotated[float, Range(0, 1, above=True, below=True)] = 0.2
+    """PPO's ratio clip: the surrogate is clipped to [1 - clip_eps, 1 + clip_eps] (veRL clip_ratio,
+    OpenRLHF eps_clip); clip_eps_low / clip_eps_high override either side."""
+    clip_eps_low: Annotated[float, Range(0, 1, above=True, below=True)] | None = None
+    """Lower side of the clip, 1 - clip_eps_low (None: clip_eps; veRL clip_ratio_low)."""
+    clip_eps_high: PositiveFloat | None = None
+    """Upper side of the clip, 1 + clip_eps_high (None: clip_eps). DAPO's clip-higher (Yu et al. 2025)
+    sets 0.28 against a low side of 0.2, so unlikely tokens can still grow (veRL clip_ratio_high,
+    OpenRLHF eps_clip_low_high)."""
+    dual_clip: Annotated[float, Range(1, above=True)] | None = None
+    """Dual-clip bound c > 1 for negative advantages (Ye et al. 2020; veRL clip_ratio_c, OpenRLHF
+    dual_clip), or None."""
+    log_ratio_clamp: PositiveFloat | None = 20.0
+    """Clamp of log(pi / pi_old) to [-c, c] before the ratio's exponential, so one token cannot make the
+    loss inf (veRL clamps it to 20 always); its gradient is zero where the clamp is active. None: off."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses (policy, KL, entropy, value) become one loss over the whole minibatch, every
+    micro-batch and DP rank included (veRL loss_agg_mode): token-mean = sum / tokens (veRL's default,
+    OpenRLHF, TRL); seq-mean-token-mean = the mean over sequences of each one's token mean (the GRPO
+    paper); seq-mean-token-sum = the mean over sequences of each one's token sum (Dr. GRPO: long
+    responses are not down-weighted)."""
     value_clip: PositiveFloat | None = 0.2
     """Clip of the critic's new values around the old ones in its loss, or None."""
     gamma: Fraction = 1.0
@@ -65,13 +88,19 @@ class AlgoConfig:
     kl_coef: NonNegFloat = 0.02
     """Weight of the KL to the reference (in the reward or in the loss, see kl_mode)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator (Schulman's k1, k2, k3) the reward (or loss) is shaped with; the `kl` metric
-    and the adaptive controller read k1."""
+    """Per-token KL estimator (Schulman's k1, k2, k3; k3 is veRL's low_var_kl and OpenRLHF's k3) the
+    reward (or loss) is shaped with; the `kl` metrics and the adaptive controller read k1."""
+    kl_clamp: PositiveFloat | None = 10.0
+    """Clamp of the shaping KL estimate to [-c, c] per token (veRL clamps low_var_kl, k3, to 10). None: off."""
     kl_mode: Literal["reward", "loss"] = "reward"
     """reward: -coef*KL folded into token rewards; loss: coef*KL added to the policy loss."""
     kl_target: PositiveFloat | None = None
-    """Adaptive KL controller target (None: fixed coefficient). Its input is the batch mean of each
-    response's summed KL (TRL's convention), not the per-token mean."""
+    """Adaptive KL controller target (None: fixed coefficient), in the units kl_controller_input says."""
+    kl_controller_input: Literal["seq-sum", "token-mean"] = "seq-sum"
+    """What the adaptive controller compares with kl_target: seq-sum = the batch mean of each response's
+    summed k1 KL (TRL's and Ziegler et al.'s convention; the `kl` metric); token-mean = the mean k1 KL
+    per response token (veRL's and OpenRLHF's; the `kl_per_token` metric). A target copied from a veRL
+    or OpenRLHF config needs token-mean."""
     kl_horizon: PositiveInt = 10000
     """Adaptive controller horizon (Ziegler et al. 2019): larger reacts more slowly."""
     entropy_coef: NonNegFloat = 0.0
@@ -91,6 +120,11 @@ class AlgoConfig:
     """Weight of a pretraining/SFT loss mixed into the actor update (PPO-ptx)."""
     ptx_data: str | None = None
     """SFT JSONL for PPO-ptx."""
+
+    def clip_range(self) -> tuple[float, float]:
+        """(low, high): the ratio is clipped to [1 - low, 1 + high]."""
+        low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+        return low, self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
 
 @dataclass

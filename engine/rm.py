@@ -62,19 +62,25 @@ class RMConfig(PrecisionSettings):
     """Run directory: config.yaml, metrics.jsonl, checkpoint/."""
 
 
-def encode_pairs(records, tokenizer, max_len: int):
+def encode_preferences(records, tokenizer, max_len: int) -> tuple[list[tuple], int]:
+    """([(prompt ids with BOS, chosen ids + EOS, rejected ids + EOS)], pairs skipped for exceeding max_len)."""
     pairs, skipped = [], 0
     for r in records:
         prompt = tokenizer.encode(r["prompt"], add_bos=True)
-        c = prompt + tokenizer.encode(r["chosen"], add_eos=True)
-        j = prompt + tokenizer.encode(r["rejected"], add_eos=True)
-        if max(len(c), len(j)) > max_len:
+        c, j = tokenizer.encode(r["chosen"], add_eos=True), tokenizer.encode(r["rejected"], add_eos=True)
+        if len(prompt) + max(len(c), len(j)) > max_len:
             skipped += 1
             continue
-        pairs.append((c, j))
+        pairs.append((prompt, c, j))
     if not pairs:
         raise DataError(f"no preference pair fits max_len {max_len}")
     return pairs, skipped
+
+
+def encode_pairs(records, tokenizer, max_len: int):
+    """(chosen sequence, rejected sequence) pairs, prompt included, and the number skipped."""
+    pairs, skipped = encode_preferences(records, tokenizer, max_len)
+    return [(p + c, p + j) for p, c, j in pairs], skipped
 
 
 def pair_batch(pairs, pad_id: int) -> dict:

@@ -19,24 +19,25 @@ from parallel.errors import ConfigError
 
 @dataclass(frozen=True)
 class Range:
-    """Inclusive bounds (None: unbounded); `above` makes the lower bound exclusive (> lo)."""
+    """Inclusive bounds (None: unbounded); `above` / `below` make the lower / upper bound exclusive."""
 
     lo: float | None = None
     hi: float | None = None
     above: bool = False
+    below: bool = False
 
     def describe(self) -> str:
         parts = []
         if self.lo is not None:
             parts.append(f"{'>' if self.above else '>='} {self.lo:g}")
         if self.hi is not None:
-            parts.append(f"<= {self.hi:g}")
+            parts.append(f"{'<' if self.below else '<='} {self.hi:g}")
         return " and ".join(parts)
 
     def holds(self, v) -> bool:
         if self.lo is not None and (v <= self.lo if self.above else v < self.lo):
             return False
-        return self.hi is None or v <= self.hi
+        return self.hi is None or (v < self.hi if self.below else v <= self.hi)
 
 
 PositiveInt = Annotated[int, Range(1)]

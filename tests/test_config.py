@@ -96,6 +96,20 @@ def test_ppo_unknown_reward_rule_fails_before_vllm_starts(tmp_path, capsys, monk
            "/nonexistent", run)
 
 
+@pytest.mark.parametrize("override,expect", [
+    ("--algo.clip_eps_low=1.0", "algo.clip_eps_low must be > 0 and < 1, got 1.0"),
+    ("--algo.clip_eps_high=-0.1", "algo.clip_eps_high must be > 0"),
+    ("--algo.dual_clip=0.5", "algo.dual_clip must be > 1"),
+    ("--algo.loss_agg=seq-sum", "algo.loss_agg"),
+    ("--algo.kl_controller_input=sum", "algo.kl_controller_input"),
+    ("--algo.advantage=dr_grpo", "algo.advantage=dr_grpo needs rollout.samples_per_prompt >= 2"),
+    ("--algo.log_ratio_clamp=0", "algo.log_ratio_clamp must be > 0"),
+])
+def test_ppo_bad_algorithm_options_fail_before_anything_starts(tmp_path, capsys, override, expect):
+    run = tmp_path / "run"
+    _fails(capsys, ["ppo", "--config", "tools/configs/demo_ppo.yaml", override, f"--out_dir={run}"], expect, run)
+
+
 def test_rm_bad_values(tmp_path, capsys):
     run = tmp_path / "run"
     _fails(capsys, ["rm", "--config", "tools/configs/demo_rm.yaml", "--batch_pairs=0", f"--out_dir={run}"],

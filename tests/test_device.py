@@ -72,8 +72,11 @@ def _ppo_trainer(advantage="gae", **algo):
     return PPOTrainer(cfg, ParallelState(device=META), RandomSource(CFG, 1), rm_source=rm)
 
 
-@pytest.mark.parametrize("advantage,algo", [("gae", {}), ("gae", {"epochs": 2, "minibatches": 2, "kl_mode": "loss"}),
-                                            ("grpo", {"normalize_rewards": True})])
+@pytest.mark.parametrize("advantage,algo", [
+    ("gae", {}), ("gae", {"epochs": 2, "minibatches": 2, "kl_mode": "loss", "loss_agg": "seq-mean-token-sum"}),
+    ("grpo", {"normalize_rewards": True}),
+    ("reinforce_pp_baseline", {"loss_agg": "seq-mean-token-mean", "clip_eps_high": 0.28, "kl_controller_input": "token-mean",
+                               "kl_target": 0.1})])
 def test_ppo_scoring_and_update_stay_on_the_device(advantage, algo):
     from engine.experience import build_experience
     from engine.rollout import Rollout
@@ -92,7 +95,7 @@ def test_ppo_scoring_and_update_stay_on_the_device(advantage, algo):
             trainer.score(exp)
             kl = trainer.advantages(exp, scores, valid)
             stats = trainer.update(exp)
-            line = trainer.metrics(1, gen, scores, valid, kl, stats, {"gen_s": 0.0})
+            line = trainer.metrics(1, gen, scores, valid, kl, exp.action_mask, stats, {"gen_s": 0.0})
         assert exp.advantages.device == META and "policy_loss" in line and guard.syncs > 0
     finally:
         trainer.close()

@@ -71,12 +71,13 @@ def _field_docstrings(cls) -> set[str]:
 def test_every_config_field_has_a_docstring():
     import dataclasses
 
+    from engine.dpo import DPOConfig
     from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig
     from engine.reward import RewardConfig
     from engine.rm import RMConfig
     from engine.train import DataConfig, TrainConfig
     classes = [ModelConfig, ParallelConfig, PrecisionSettings, OptimConfig, LossScaleConfig, FP8Config, DataConfig,
-               TrainConfig, RMConfig, PPOConfig, AlgoConfig, RolloutConfig, EvalConfig, RewardConfig]
+               TrainConfig, RMConfig, DPOConfig, PPOConfig, AlgoConfig, RolloutConfig, EvalConfig, RewardConfig]
     for cls in classes:
         own = {f.name for f in dataclasses.fields(cls)} - {f.name for base in cls.__mro__[1:]
                                                            if dataclasses.is_dataclass(base)

@@ -93,15 +93,25 @@ def test_group_advantage_runs_without_critic_and_checks_its_config(actor, tmp_pa
     assert code != 0 and "samples_per_prompt" in err and not (tmp_path / "bad").exists()
 
 
-def test_data_parallel_ppo_matches_one_rank(actor, tmp_path):
+@pytest.mark.parametrize("options", [
+    [],
+    ["--algo.loss_agg=seq-mean-token-mean", "--algo.clip_eps_high=0.28", "--algo.kl_mode=loss",
+     "--algo.kl_estimator=k3", "--algo.log_ratio_clamp=5", "--algo.kl_target=0.05",
+     "--algo.kl_controller_input=token-mean"],
+    ["--algo.advantage=reinforce_pp_baseline", "--rollout.samples_per_prompt=2", "--algo.loss_agg=seq-mean-token-sum",
+     "--algo.clip_eps_low=0.1", "--algo.kl_estimator=k2"],
+], ids=["default", "seq-mean-token-mean+clip-higher+kl-loss", "reinforce_pp_baseline+seq-mean-token-sum"])
+def test_data_parallel_ppo_matches_one_rank(actor, tmp_path, options):
     """DP=2 (each rank its half of the rollout, statistics and losses over both, gradients summed by
-    DDP) gives one rank's statistics step for step."""
+    DDP) gives one rank's statistics step for step. The micro-batches split differently (one rank: 3 + 3
+    + 2 rows; each DP rank: 3 + 1), so the losses must be the minibatch's aggregate, not means of means."""
     args = _args(actor, tmp_path / "x", "--eval.path=null", "--export_hf=false",
                  '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3",
-                 "--steps=3", "--algo.epochs=1", "--algo.minibatches=1", "--algo.micro_batch_size=8")
+                 "--steps=3", "--algo.epochs=1", "--algo.minibatches=1", "--algo.micro_batch_size=3", *options)
     one = ppo(load_config(PPOConfig, None, args))
     two = run_ranks(2, train_workers.ppo_history, args)
-    keys = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "clip_frac", "response_len"]
+    keys = ["reward_mean", "kl", "kl_per_token", "kl_coef", "policy_loss", "entropy", "clip_frac", "response_len"]
+    keys += ["value_loss"] if "value_loss" in one[0] else []
     for rank in two:
         for a, b in zip(one, rank):
             for k in keys:

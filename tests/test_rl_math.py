@@ -69,7 +69,7 @@ def test_policy_loss_gradient_is_zero_exactly_where_clip_is_active():
     logp = (old + torch.randn(n) * 0.5).requires_grad_()
     adv = torch.randn(n)
     mask = torch.ones(n)
-    loss, stats = rl_math.policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    loss, stats = rl_math.policy_loss(logp, old, adv, mask, clip_low=0.2)
     loss.backward()
     ratio = (logp - old).exp().detach()
     active = ((adv > 0) & (ratio > 1.2)) | ((adv < 0) & (ratio < 0.8))

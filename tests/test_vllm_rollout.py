@@ -75,7 +75,8 @@ def test_reshard_from_tp2_pp2_to_vllm_matches_native_greedy(tp_gen):
 
 def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
     """The whole PPO step (vLLM rollout after a reshard, pipelined scoring, actor and critic in one
-    shared schedule) at TP2 x PP2 gives one rank's statistics."""
+    shared schedule, a sequence-level loss aggregation with clip-higher and a KL loss) at TP2 x PP2
+    gives one rank's statistics."""
     from tests import train_workers
     from tests.distributed import run_ranks
     from tests.hf_models import save_hf_model
@@ -83,7 +84,10 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     args = [f"--actor={tmp_path}/actor", "--rollout.backend=vllm", "--steps=2", "--rollout.prompts_per_step=8",
             "--rollout.max_new_tokens=6", "--eval.path=null", "--export_hf=false", "--algo.micro_batch_size=2",
-            '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3"]
+            '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3",
+            # the stabilisers of the RL-algorithms issue, under TP, PP and the shared schedule (4 micro-batches)
+            "--algo.loss_agg=seq-mean-token-mean", "--algo.clip_eps_high=0.28", "--algo.kl_mode=loss",
+            "--algo.kl_estimator=k3", "--algo.kl_clamp=5"]
     one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one"], timeout=900)[0]
     four = run_ranks(4, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/four", "--parallel.tp=2",
                                                          "--parallel.pp=2"], timeout=900)

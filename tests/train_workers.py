@@ -39,3 +39,8 @@ def layout_logits(rank, world, ckpt_path, tp, pp):
 def rm_history(rank, world, overrides):
     from engine.rm import RMConfig, train_rm
     return train_rm(load_config(RMConfig, None, overrides))
+
+
+def dpo_history(rank, world, overrides):
+    from engine.dpo import DPOConfig, train_dpo
+    return train_dpo(load_config(DPOConfig, None, overrides))
