@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-rm test test-fast clean
+.PHONY: demo demo-rm demo-dpo test test-fast clean
 
 $(STAMP): requirements.txt requirements-vllm.txt setup.py
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 demo-rm: $(STAMP)
 	$(VENV)/bin/trident rm --config tools/configs/demo_rm.yaml
 	$(VENV)/bin/trident ppo --config tools/configs/demo_ppo_rm.yaml
+
+# DPO on the same preference pairs, from the SFT policy (needs runs/demo_sft from `make demo`)
+demo-dpo: $(STAMP)
+	$(VENV)/bin/trident dpo --config tools/configs/demo_dpo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -247,7 +247,7 @@ def train_dpo(cfg: DPOConfig) -> list[dict]:
     out = Path(cfg.out_dir)
     ckpt.save_native(handle.chunks, state, out / "checkpoint", cfg.tokenizer)
     if main_rank and cfg.export_hf:
-        from tools.convert import native_to_hf
+        from engine.hf_export import native_to_hf
         native_to_hf(str(out / "checkpoint"), str(out / "hf"), force=True)
     return run.history
 

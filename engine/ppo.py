@@ -354,9 +354,9 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     ckpt.save_native(trainer.actor.chunks, state, out / "actor", cfg.tokenizer)
     if main_rank:
         if cfg.export_hf:
-            from tools.convert import native_to_hf
+            from engine.hf_export import native_to_hf
             native_to_hf(str(out / "actor"), str(out / "hf"), force=True)
-        from tools.plot import plot_metrics
+        from engine.run_log import plot_metrics
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return run.history
 
