@@ -105,6 +105,25 @@ def all_reduce_async(t: torch.Tensor, group):
     return dist.all_reduce(t, group=group, async_op=True)
 
 
+def reduce_scatter_flat_async(shard: torch.Tensor, full: torch.Tensor, group):
+    """Start a sum reduce-scatter of a 1-D `full` (size divisible by the group) into this rank's
+    `shard`, which may be the rank's own slice of `full` (in place, as the distributed optimizer
+    uses it); returns a handle to `.wait()` on (None when nothing to do)."""
+    if world(group) == 1:
+        return None
+    op = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return op(shard, full, group=group, async_op=True)
+
+
+def all_gather_flat_async(full: torch.Tensor, shard: torch.Tensor, group):
+    """Start an all-gather of every rank's 1-D `shard` into `full` (in place when `shard` is this
+    rank's slice of it); returns a handle to `.wait()` on (None when nothing to do)."""
+    if world(group) == 1:
+        return None
+    op = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return op(full, shard, group=group, async_op=True)
+
+
 # ---- point to point (pipeline stages; peers are global ranks) ---------------------------------------
 
 def p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]]) -> list:

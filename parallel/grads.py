@@ -45,6 +45,27 @@ def local_grad_sq_sum(params) -> torch.Tensor:
     return torch.stack(norms).double().square().sum()
 
 
+def grad_sq_sum(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of the given gradient tensors (views), float64 on `device`."""
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2)).double().square().sum()
+
+
+def owned_grad_views(pieces) -> list[torch.Tensor]:
+    """The gradient entries this rank counts in the global norm, for (parameter, lo, hi) flat
+    ranges it steps: replica rows [row_start:] only on the replica's owner."""
+    out = []
+    for p, lo, hi in pieces:
+        rep = getattr(p, "replica", None)
+        if rep is not None and not rep.is_owner:
+            hi = min(hi, rep.row_start * (p.numel() // max(1, p.shape[0])))
+        if lo < hi:
+            out.append(grad_of(p).view(-1)[lo:hi])
+    return out
+
+
 def global_grad_norm(params, groups) -> torch.Tensor:
     """L2 norm of the full model's gradient (device tensor); `groups` are those the model is split over."""
     sq = local_grad_sq_sum(params)

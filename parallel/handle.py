@@ -26,7 +26,7 @@ from parallel import comm
 from parallel.ddp import DistributedDataParallel
 from parallel.errors import ConfigError
 from parallel.fp8 import FP8Group, check_gemm_shape
-from parallel.grads import clip_factor, finalize_tp_grads, local_grad_sq_sum, scale_grads
+from parallel.grads import clip_factor, finalize_tp_grads, grad_sq_sum, owned_grad_views
 from parallel.optimizer import MasterWeightAdamW, OptimConfig, lr_at, param_groups
 from parallel.pipeline import PipelineJob, build_order, forward_backward_no_pipelining, run_pipeline, stats_to_host
 from parallel.precision import PrecisionPolicy
@@ -87,10 +87,9 @@ class ModelHandle:
         self.params = [p for _, p in self.named if p.requires_grad]
         self.ddp = self.optimizer = None
         if self.trainable:
-            # the fp32 gradient buffer (summed over DP when dp > 1) and fp32 master weights
-            self.ddp = DistributedDataParallel(self.params, state.dp_group)
-            self.optimizer = MasterWeightAdamW(param_groups(self.named, optim.weight_decay), lr=optim.lr,
-                                               betas=optim.betas, eps=optim.eps)
+            # the fp32 gradient buffer (summed, or reduce-scattered under ZeRO-1, over DP) and fp32 masters
+            self.ddp = DistributedDataParallel(self.params, state.dp_group, shard=optim.distributed)
+            self._build_optimizer(optim)
         self.steps = 0
         """Optimizer steps taken: the LR schedule's position (steps skipped by the fp16 scaler do not count)."""
         self.skipped_steps = 0
@@ -128,21 +127,49 @@ class ModelHandle:
         stats = self.forward_backward(forward_step, micro_batches)
         return stats, self.step()
 
+    def _build_optimizer(self, optim: OptimConfig) -> None:
+        """AdamW over what this rank steps: every parameter, or under ZeRO-1 its DP shard of the
+        parameter buffer (flat slices, one per parameter it intersects)."""
+        names = {id(p): n for n, p in self.named}
+        pieces = self.ddp.owned_pieces()
+        self._norm_grads = owned_grad_views(pieces)
+        if optim.distributed:
+            groups = [{"params": [], "grads": [], "weight_decay": wd} for wd in (optim.weight_decay, 0.0)]
+            for p, lo, hi in pieces:
+                g = groups[0 if p.ndim >= 2 else 1]
+                g["params"].append(p.data.view(-1)[lo:hi])
+                g["grads"].append(p.main_grad.view(-1)[lo:hi])
+            order = [pc for g in (0, 1) for pc in pieces if (pc[0].ndim >= 2) == (g == 0)]
+            self._opt_index = [(names[id(p)], lo, hi) for p, lo, hi in order]
+            if optim.overlap_param_gather:
+                self.ddp.overlap_param_gather([m for c in self.chunks for m in c.modules()])
+        else:
+            groups = param_groups(self.named, optim.weight_decay)
+        self.optimizer = MasterWeightAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+        if not optim.distributed:
+            self._opt_index = [(names[id(p)], 0, p.numel()) for p in self.optimizer.model_params]
+
+    def params_ready(self) -> None:
+        """Finish an overlapped ZeRO-1 parameter all-gather (before reading weights outside a forward)."""
+        if self.ddp is not None:
+            self.ddp.wait_params()
+
     @torch.no_grad()
     def step(self) -> dict:
         """Finish gradients (DP reduction, TP replicas), unscale and check them (fp16), clip, and step
-        the optimizer at the schedule's LR; a step whose gradients overflow is skipped on every rank."""
+        the optimizer at the schedule's LR; a step whose gradients overflow is skipped on every rank.
+        Under ZeRO-1 each rank checks and steps its shard, and the updated parameters are all-gathered."""
         state, policy, cfg = self.state, self.precision, self.optim_cfg
         self.ddp.finish_grad_sync()
         finalize_tp_grads(self.params)
-        sq = local_grad_sq_sum(self.params)
+        sq = grad_sq_sum(self._norm_grads, self.device)
         skipped = False
         if policy.scaler is not None:
             found = (~torch.isfinite(sq)).float()
-            for g in (state.tp_group, state.pp_group, state.dp_group):
+            for g in (state.tp_group, state.pp_group, state.dp_group):  # DP too: ranks hold other shards
                 comm.all_reduce(found, g, "max")
             skipped = bool((found > 0).item())  # the one host sync of an fp16 step
-        for g in (state.tp_group, state.pp_group):
+        for g in (state.tp_group, state.pp_group) + ((state.dp_group,) if cfg.distributed else ()):
             comm.all_reduce(sq, g)
         scale = policy.loss_scale
         norm = sq.sqrt() / scale
@@ -151,15 +178,17 @@ class ModelHandle:
             self.skipped_steps += 1
         else:
             if scale != 1.0 or cfg.clip_grad > 0:
-                scale_grads(self.params, clip_factor(norm, cfg.clip_grad) / scale)
+                grads = self.optimizer._grads()
+                torch._foreach_mul_(grads, (clip_factor(norm, cfg.clip_grad) / scale).float())
             self.optimizer.set_lr(lr)
             self.optimizer.step()
+            self.ddp.gather_params(overlap=cfg.overlap_param_gather)
             self.steps += 1
         if policy.scaler is not None:
             policy.scaler.update(skipped)
         if self.fp8 is not None:
             self.fp8.step_end()
-        self.optimizer.zero_grad()
+        self.ddp.zero_grad()
         metrics = {"grad_norm": norm, "lr": lr}
         if policy.scaler is not None:
             metrics.update(loss_scale=scale, skipped=skipped, skipped_steps=self.skipped_steps)
@@ -167,17 +196,37 @@ class ModelHandle:
 
     # ---- training state ------------------------------------------------------------------------------
 
+    def optimizer_state(self) -> dict:
+        """{"step": tensor, "master" | "exp_avg" | "exp_avg_sq": {name: full fp32 tensor shaped like the
+        parameter}}. Under ZeRO-1 this is collective over DP (the shards are all-gathered)."""
+        opt = self.optimizer.state_dict()
+        params = dict(self.named)
+        out = {"step": opt["step"]}
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            if not self.optim_cfg.distributed:
+                out[key] = {n: t.view_as(params[n]) for (n, _, _), t in zip(self._opt_index, opt[key])}
+                continue
+            flat = torch.zeros_like(self.ddp.buffer)
+            for (n, lo, hi), t in zip(self._opt_index, opt[key]):
+                o = self.ddp.offset[id(params[n])]
+                flat[o + lo:o + hi].copy_(t)
+            for b in self.ddp.buckets:
+                a, z = self.ddp.shard_range(b)
+                work = comm.all_gather_flat_async(flat[b.start:b.end], flat[a:z], self.ddp.group)
+                if work is not None:
+                    work.wait()
+            out[key] = {n: flat[self.ddp.offset[id(p)]:][:p.numel()].view_as(p) for n, p in self.named}
+        return out
+
     def state_dict(self) -> dict:
         """The model's full training state on this rank, tensors by parameter name: weights, fp32
-        masters and Adam moments, optimizer step, LR position, loss scaler and FP8 scaling state."""
+        masters and Adam moments (whole parameters, also under ZeRO-1), optimizer step, LR position,
+        loss scaler and FP8 scaling state. Collective over DP under ZeRO-1."""
+        self.params_ready()
         sd = {"steps": self.steps, "skipped_steps": self.skipped_steps,
               "model": {n: p.detach() for n, p in self.named}}
         if self.optimizer is not None:
-            names = {id(p): n for n, p in self.named}
-            opt = self.optimizer.state_dict()
-            order = [names[id(p)] for p in self.optimizer.model_params]
-            sd["optimizer"] = {"step": opt["step"], **{k: dict(zip(order, opt[k]))
-                                                       for k in ("exp_avg", "exp_avg_sq", "master")}}
+            sd["optimizer"] = self.optimizer_state()
         if self.precision.scaler is not None:
             sd["loss_scaler"] = self.precision.scaler.state_dict()
         if self.fp8 is not None:
@@ -189,16 +238,18 @@ class ModelHandle:
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
+        """The inverse of state_dict; "optimizer" may be absent (fresh optimizer state)."""
+        self.params_ready()
         params = dict(self.named)
         for n, t in sd["model"].items():
             params[n].copy_(t)
         self.steps, self.skipped_steps = int(sd["steps"]), int(sd["skipped_steps"])
         if self.optimizer is not None and "optimizer" in sd:
             o = sd["optimizer"]
-            names = {id(p): n for n, p in self.named}
-            order = [names[id(p)] for p in self.optimizer.model_params]
-            self.optimizer.load_state_dict({"step": o["step"], **{k: [o[k][n] for n in order]
-                                                                 for k in ("exp_avg", "exp_avg_sq", "master")}})
+            mine = self.optimizer.state_dict()
+            self.optimizer.load_state_dict({"step": o["step"], **{
+                k: [o[k][n].reshape(-1)[lo:hi].view_as(t) for (n, lo, hi), t in zip(self._opt_index, mine[k])]
+                for k in ("exp_avg", "exp_avg_sq", "master")}})
         if self.precision.scaler is not None and "loss_scaler" in sd:
             self.precision.scaler.load_state_dict(sd["loss_scaler"])
         if self.fp8 is not None and "fp8" in sd:

@@ -35,6 +35,13 @@ class OptimConfig:
     """AdamW epsilon."""
     clip_grad: NonNegFloat = 1.0
     """Clip the global gradient norm to this (0 disables)."""
+    distributed: bool = False
+    """ZeRO-1, Megatron's distributed optimizer: fp32 master weights and Adam moments sharded over the
+    DP group, gradients reduce-scattered, updated parameters all-gathered (6 + 12/dp bytes per bf16
+    parameter instead of 18)."""
+    overlap_param_gather: bool = False
+    """With `distributed`: the parameter all-gather runs asynchronously and each module waits for its
+    own buckets just before its forward (Megatron's overlap_param_gather)."""
 
 
 def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
@@ -55,11 +62,17 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
 
 
 class MasterWeightAdamW:
-    """AdamW whose state and master weights are fp32 whatever the model's parameter dtype."""
+    """AdamW whose state and master weights are fp32 whatever the model's parameter dtype.
+
+    A group's "params" are the tensors it updates: whole parameters, or (ZeRO-1) the flat slices of
+    the parameter buffer this rank owns, with their fp32 gradient slices as "grads" (by default a
+    parameter's `main_grad`, else `.grad`)."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8):
         self.groups = [(g["weight_decay"], list(g["params"])) for g in groups if g["params"]]
         self.model_params = [p for _, ps in self.groups for p in ps]
+        given = [g.get("grads") for g in groups if g["params"]]
+        self.grads = [t for g in given for t in g] if all(g is not None for g in given) and given else None
         device = self.model_params[0].device if self.model_params else torch.device("cpu")
         self.masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in self.model_params]
         self.low = [(p, m) for p, m in zip(self.model_params, self.masters) if m is not p]
@@ -79,7 +92,7 @@ class MasterWeightAdamW:
         self.lr = lr
 
     def _grads(self) -> list[torch.Tensor]:
-        return [grad_of(p).float() for p in self.model_params]
+        return self.grads if self.grads is not None else [grad_of(p).float() for p in self.model_params]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -91,6 +104,8 @@ class MasterWeightAdamW:
             for group in self.apex.param_groups:
                 group["lr"] = self.lr
             self.apex.step()
+            for m in self.masters:
+                m.grad = None
         else:
             start = 0
             for wd, ps in self.groups:

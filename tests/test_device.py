@@ -17,12 +17,12 @@ CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layer
                   max_position_embeddings=64)
 
 
-def _handle(precision="fp32", value_head=False, device=META, optim=True, fp8_recipe="current"):
+def _handle(precision="fp32", value_head=False, device=META, optim=True, fp8_recipe="current", distributed=False):
     from parallel.precision import FP8Config
     cfg = ModelConfig(**{**vars(CFG), "value_head": value_head})
     return build_handle(RandomSource(cfg, 0), ParallelState(device=device), ParallelConfig(),
                         PrecisionSettings(precision=precision, fp8=FP8Config(recipe=fp8_recipe)),
-                        OptimConfig() if optim else None, 10, ids=lambda mb: mb["input_ids"])
+                        OptimConfig(distributed=distributed) if optim else None, 10, ids=lambda mb: mb["input_ids"])
 
 
 def _sft_batch(rows=2, seq=16):
@@ -32,12 +32,15 @@ def _sft_batch(rows=2, seq=16):
             "doc_ids": torch.zeros(rows, seq, dtype=torch.long)}
 
 
-@pytest.mark.parametrize("precision,recipe", [("fp32", None), ("bf16", None), ("fp16", None), ("fp8", "current"),
-                                             ("fp8", "delayed")])
-def test_train_step_stays_on_the_device(precision, recipe):
+@pytest.mark.parametrize("precision,recipe,zero", [("fp32", None, False), ("bf16", None, False), ("fp16", None, False),
+                                                  ("fp8", "current", False), ("fp8", "delayed", False),
+                                                  ("bf16", None, True), ("fp16", None, True)])
+def test_train_step_stays_on_the_device(precision, recipe, zero):
     from engine.train import train_step
-    handle = _handle(precision, fp8_recipe=recipe or "current")
+    handle = _handle(precision, fp8_recipe=recipe or "current", distributed=zero)
     assert all(p.device == META for p in handle.params) and handle.ddp.buffer.device == META
+    if zero:
+        assert handle.ddp.param_buffer.device == META
     batches = [_sft_batch(), _sft_batch()]
     with DeviceGuard(META) as guard:
         line = train_step(handle, batches)
@@ -119,17 +122,16 @@ def test_a_cpu_tensor_created_inside_the_step_fails():
 
 
 def test_a_planted_cpu_accumulator_fails(monkeypatch):
-    import parallel.grads as grads
     import parallel.handle as handle_mod
     from engine.train import train_step
 
-    def old_style(params):  # the accumulator trident had before: torch.zeros on the default (CPU) device
+    def old_style(grad_views, device):  # the accumulator trident had before: torch.zeros on the default (CPU) device
         total = torch.zeros((), dtype=torch.float64)
-        for p in params:
-            total += grads.grad_of(p).double().square().sum()
+        for g in grad_views:
+            total += g.double().square().sum()
         return total
 
-    monkeypatch.setattr(handle_mod, "local_grad_sq_sum", old_style)
+    monkeypatch.setattr(handle_mod, "grad_sq_sum", old_style)
     handle, batch = _handle("fp32"), _sft_batch()
     with pytest.raises(WrongDevice, match="created a cpu tensor"):
         with DeviceGuard(META):
