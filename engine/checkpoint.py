@@ -170,9 +170,10 @@ def _check_shape(source, spec: ShardSpec) -> None:
         raise CheckpointError(f"tensor {spec.name} has shape {list(got)}, expected {list(spec.shape)}")
 
 
-def load_into(model: torch.nn.Module, source) -> None:
-    """Fill this rank's parameters from a source (HF, native, random), checking every shape."""
-    params = dict(model.named_parameters())
+def load_into(model: torch.nn.Module, source, targets: dict | None = None) -> None:
+    """Fill this rank's parameters from a source (HF, native, random), checking every shape; or, given
+    `targets` (parameter name -> tensor shaped like it, e.g. fp32 optimizer state), fill those."""
+    params = targets if targets is not None else dict(model.named_parameters())
     with torch.no_grad():
         for spec in model.shard_specs():
             _check_shape(source, spec)
@@ -227,9 +228,11 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def save_rank_shard(model: torch.nn.Module, staging: Path, tp_rank: int, pp_rank: int) -> None:
-    """Write the pieces this rank owns (called on dp_rank 0 of every (tp, pp) position)."""
-    params = dict(model.named_parameters())
+def save_rank_shard(model: torch.nn.Module, staging: Path, tp_rank: int, pp_rank: int,
+                    tensors: dict | None = None) -> None:
+    """Write the pieces this rank owns (called on dp_rank 0 of every (tp, pp) position): its
+    parameters, or `tensors` (parameter name -> tensor shaped like it)."""
+    params = tensors if tensors is not None else dict(model.named_parameters())
     tensors = {}
     for spec in model.shard_specs():
         if not spec.owner or spec.length == 0:
@@ -241,9 +244,31 @@ def save_rank_shard(model: torch.nn.Module, staging: Path, tp_rank: int, pp_rank
     save_file(tensors, str(staging / shard_file(tp_rank, pp_rank)))
 
 
+def write_native(chunks: list, state, out: Path, tensors: dict | None = None, dtype: torch.dtype | None = None,
+                 tokenizer_path: str | None = None) -> None:
+    """Write a native checkpoint into an existing directory (collective, no staging): DP rank 0 of each
+    (tp, pp) position its shard, rank 0 the index last. `tensors` (parameter name -> tensor) replaces
+    the weights, e.g. by fp32 optimizer state indexed like them."""
+    from parallel import comm
+
+    if state.dp_rank == 0:
+        for c, chunk in enumerate(chunks):
+            save_rank_shard(chunk, out, state.tp_rank, c * state.pp + state.pp_rank, tensors)
+    # every virtual stage's layer range, in stage order (chunk c of pipeline rank r is stage c*pp + r)
+    per_rank = comm.all_gather_object([(c.layer_ids.start, c.layer_ids.stop) for c in chunks], state.pp_group)
+    stages = [range(*per_rank[r][c]) for c in range(len(chunks)) for r in range(state.pp)]
+    comm.barrier()
+    if state.rank == 0:
+        name = _dtype_name(dtype or chunks[0].dtype)
+        write_index(out, chunks[0].cfg, state.tp, stages, lambda _: name)
+        tok = Path(tokenizer_path) if tokenizer_path else None
+        if tok and tok.is_file():
+            shutil.copyfile(tok, out / ("tokenizer.model" if tok.suffix == ".model" else "tokenizer.json"))
+
+
 def save_native(chunks: list, state, out: Path, tokenizer_path: str | None = None) -> None:
-    """A native checkpoint from every rank's chunks (collective): DP rank 0 of each (tp, pp) position
-    writes its shard into a staging directory, rank 0 the index (last) and renames it into place."""
+    """A native checkpoint from every rank's chunks (collective), written into a staging directory
+    that rank 0 renames into place once the index (written last) is there."""
     from parallel import comm
 
     staging = staging_dir(out)
@@ -251,18 +276,7 @@ def save_native(chunks: list, state, out: Path, tokenizer_path: str | None = Non
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     comm.barrier()
-    if state.dp_rank == 0:
-        for c, chunk in enumerate(chunks):
-            save_rank_shard(chunk, staging, state.tp_rank, c * state.pp + state.pp_rank)
-    # every virtual stage's layer range, in stage order (chunk c of pipeline rank r is stage c*pp + r)
-    per_rank = comm.all_gather_object([(c.layer_ids.start, c.layer_ids.stop) for c in chunks], state.pp_group)
-    stages = [range(*per_rank[r][c]) for c in range(len(chunks)) for r in range(state.pp)]
-    comm.barrier()
+    write_native(chunks, state, staging, tokenizer_path=tokenizer_path)
     if state.rank == 0:
-        dtype = _dtype_name(chunks[0].dtype)
-        write_index(staging, chunks[0].cfg, state.tp, stages, lambda _: dtype)
-        tok = Path(tokenizer_path) if tokenizer_path else None
-        if tok and tok.is_file():
-            shutil.copyfile(tok, staging / ("tokenizer.model" if tok.suffix == ".model" else "tokenizer.json"))
         publish(staging, out)
     comm.barrier()

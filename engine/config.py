@@ -227,7 +227,12 @@ def parse_run_args(cls, argv: list[str], prog: str, description: str, epilog: st
     parser = argparse.ArgumentParser(prog=prog, epilog=epilog,
                                      description=f"{description} Override any config field as --section.key=value.")
     parser.add_argument("--config", help="YAML run config (omitted: the embedded defaults)")
+    if any(f.name == "resume" for f in dataclasses.fields(cls)):
+        parser.add_argument("--resume", metavar="DIR", help="resume from a checkpoint, a checkpoints directory or "
+                                                           "a run directory (its latest checkpoint)")
     args, overrides = parser.parse_known_args(argv)
+    if getattr(args, "resume", None):
+        overrides = [*overrides, f"--resume={args.resume}"]
     return load_config(cls, args.config, overrides)
 
 

@@ -8,7 +8,6 @@ So a document of seq_len+1 tokens fills a row exactly, and its last token is onl
 import json
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -147,30 +146,52 @@ def pack_documents(docs: list[Doc], seq_len: int, pad_id: int) -> PackedData:
                       position_ids[:, :S].contiguous(), doc_ids[:, :S].contiguous())
 
 
-def batches(data: PackedData, micro_batch_size: int, num_micro_batches: int, seed: int,
-            dp_rank: int = 0, dp_size: int = 1, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Yield, forever, one list of `num_micro_batches` micro-batch dicts per optimizer step.
+class StepBatches:
+    """An endless stream of optimizer steps, each a list of `num_micro_batches` micro-batch dicts.
 
     Each epoch is a permutation of the rows drawn from torch.Generator(seed + epoch); each step takes
-    the next dp_size * num_micro_batches * micro_batch_size rows (an epoch's remainder is dropped)
-    and rank dp_rank takes its contiguous share. The stream depends only on seed and the dp layout,
-    so all tensor-parallel ranks see the same data. `start_step` resumes mid-stream cheaply.
+    the next dp_size * num_micro_batches * micro_batch_size rows of it (an epoch's remainder is
+    dropped) and rank dp_rank takes its contiguous share. The stream depends only on the seed and the
+    global batch, not on how it is split over DP ranks and micro-batches, so all tensor-parallel ranks
+    see the same data and a resumed run may use another layout. `position()` is where the next step
+    starts (epoch, row offset in its permutation); a stream built at a position continues from there.
     """
-    per_rank = num_micro_batches * micro_batch_size
-    per_step = dp_size * per_rank
-    steps_per_epoch = len(data) // per_step
-    if steps_per_epoch == 0:
-        raise DataError(f"dataset has {len(data)} packed rows but one step needs {per_step} "
-                        f"(dp_size * num_micro_batches * micro_batch_size)")
-    epoch, step = divmod(start_step, steps_per_epoch)
-    while True:
-        g = torch.Generator().manual_seed(seed + epoch)
-        perm = torch.randperm(len(data), generator=g)
-        for s in range(step, steps_per_epoch):
-            share = perm[s * per_step + dp_rank * per_rank:][:per_rank]
-            yield [{k: getattr(data, k)[idx] for k in ("input_ids", "labels", "position_ids", "doc_ids")}
-                   for idx in share.split(micro_batch_size)]
-        epoch, step = epoch + 1, 0
+
+    def __init__(self, data: PackedData, micro_batch_size: int, num_micro_batches: int, seed: int,
+                 dp_rank: int = 0, dp_size: int = 1, epoch: int = 0, offset: int = 0):
+        self.data, self.micro, self.seed, self.dp_rank = data, micro_batch_size, seed, dp_rank
+        self.per_rank = num_micro_batches * micro_batch_size
+        self.per_step = dp_size * self.per_rank
+        if len(data) < self.per_step:
+            raise DataError(f"dataset has {len(data)} packed rows but one step needs {self.per_step} "
+                            f"(dp_size * num_micro_batches * micro_batch_size)")
+        self.epoch, self.offset, self._perm = epoch, offset, None
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        if self.offset + self.per_step > len(self.data):
+            self.epoch, self.offset = self.epoch + 1, 0
+        if self._perm is None or self._perm[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._perm = (self.epoch, torch.randperm(len(self.data), generator=g))
+        share = self._perm[1][self.offset + self.dp_rank * self.per_rank:][:self.per_rank]
+        self.offset += self.per_step
+        return [{k: getattr(self.data, k)[idx] for k in ("input_ids", "labels", "position_ids", "doc_ids")}
+                for idx in share.split(self.micro)]
+
+
+def batches(data: PackedData, micro_batch_size: int, num_micro_batches: int, seed: int,
+            dp_rank: int = 0, dp_size: int = 1, start_step: int = 0) -> StepBatches:
+    """StepBatches from the start, or `start_step` steps into the stream (same global batch)."""
+    stream = StepBatches(data, micro_batch_size, num_micro_batches, seed, dp_rank, dp_size)
+    epoch, step = divmod(start_step, len(data) // stream.per_step)
+    stream.epoch, stream.offset = epoch, step * stream.per_step
+    return stream
 
 
 def attention_mask_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

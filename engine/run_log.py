@@ -15,16 +15,25 @@ from engine.config import to_dict
 
 
 class RunLog:
-    def __init__(self, out_dir: str, cfg, main_rank: bool):
+    """`resume_step`: a resumed run keeps the metrics lines of steps up to it (those the checkpoint
+    covers; a killed run may have logged a few more) and appends after them."""
+
+    def __init__(self, out_dir: str, cfg, main_rank: bool, resume_step: int | None = None):
         self.out, self.cfg, self.main_rank, self.history = Path(out_dir), cfg, main_rank, []
+        self.resume_step = resume_step
         self._file = None
         self._pending: list[str] = []
 
     def _open(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        self._file = open(self.out / "metrics.jsonl", "w")
-        self._file.writelines(self._pending)
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if self.resume_step is not None and path.is_file():
+            kept = [x + "\n" for x in path.read_text().splitlines()
+                    if x.strip() and json.loads(x).get("step", 0) <= self.resume_step]
+        self._file = open(path, "w")
+        self._file.writelines(kept + self._pending)
         self._file.flush()
         self._pending = []
 

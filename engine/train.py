@@ -16,13 +16,15 @@ import torch
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
+from engine import train_state
 from engine.build import build_handle, check_parallel, check_precision
 from engine.config import ModelConfig, ParallelConfig, PrecisionSettings, parse_run_args, validate
-from engine.data import (IGNORE, attention_mask_from_doc_ids, batches, pack_documents, read_jsonl,
-                         tokenize_documents)
+from engine.data import IGNORE, StepBatches, attention_mask_from_doc_ids, pack_documents, read_jsonl, tokenize_documents
 from engine.errors import ConfigError
+from engine.faults import crash_point
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
+from engine.train_state import CheckpointConfig
 from parallel import comm
 from parallel.config import PositiveInt
 from parallel.handle import ModelHandle, to_device
@@ -67,7 +69,13 @@ class TrainConfig(PrecisionSettings):
     out_dir: str = "runs/sft"
     """Run directory: config.yaml, metrics.jsonl, checkpoint/."""
     save: bool = True
-    """Write a native checkpoint to out_dir/checkpoint at the end."""
+    """Write the final weights as a native checkpoint to out_dir/checkpoint at the end."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training-state checkpoints (out_dir/checkpoints/step-N): how often, how many kept."""
+    resume: str | None = None
+    """Resume from a training-state checkpoint, a checkpoints directory or a run directory (its
+    `latest`), into any layout; a weights-only checkpoint loads with fresh optimizer state. Unset, a
+    run directory that already holds checkpoints resumes from its latest."""
 
 
 def resolve_model(cfg: TrainConfig):
@@ -122,22 +130,42 @@ def train(cfg: TrainConfig) -> list[dict]:
     check_vocab(tokenizer, model_cfg.vocab_size)
     docs = tokenize_documents(read_jsonl(cfg.data.path), tokenizer, cfg.data.mode, cfg.data.seq_len)
     data = pack_documents(docs, cfg.data.seq_len, tokenizer.pad_id)
+    resume_from, why = train_state.resolve_resume(cfg.resume, cfg.out_dir)
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    steps_iter = batches(data, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, state.dp_rank, state.dp)
     handle = build_handle(source, state, cfg.parallel, cfg, cfg.optim, cfg.steps, ids=lambda mb: mb["input_ids"],
                           seed=cfg.seed)
     main_rank = state.rank == 0
-    run = RunLog(cfg.out_dir, cfg, main_rank)
-    bar = tqdm(range(cfg.steps), desc=f"train[{cfg.precision}]", disable=not main_rank, dynamic_ncols=True)
+    say = (lambda msg: tqdm.write(msg)) if main_rank else (lambda msg: None)
+    start, position = 0, {"epoch": 0, "offset": 0, "seed": cfg.seed}
+    if resume_from is not None:
+        say(f"resuming from {resume_from} ({why})")
+        trainer = train_state.load(resume_from, {"model": handle}, state, say)
+        if trainer is not None:
+            start, position = trainer["step"], trainer["data"]
+    stream = StepBatches(data, cfg.micro_batch_size, cfg.grad_accum, position["seed"], state.dp_rank, state.dp,
+                         position["epoch"], position["offset"])
+    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if resume_from is not None else None)
+    ckpts, every = Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.save_every
+
+    def save_state(step: int) -> None:
+        train_state.save(ckpts, step, {"model": handle}, state,
+                         {"step": step, "data": stream.position(), "samples": stream.per_step * step},
+                         cfg.checkpoint.keep_last, cfg.data.tokenizer)
+
+    bar = tqdm(range(start, cfg.steps), desc=f"train[{cfg.precision}]", disable=not main_rank, dynamic_ncols=True,
+               initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
-        micro_batches = next(steps_iter)
+        micro_batches = next(stream)
         line = {"step": step + 1, **train_step(handle, micro_batches)}
         tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * state.dp
         line["tokens_per_s"] = tokens / (time.perf_counter() - t0)
         line.pop("skipped", None)
         run.step(line)
         bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}")
+        if (every and (step + 1) % every == 0) or (step + 1 == cfg.steps and cfg.checkpoint.at_end):
+            save_state(step + 1)
+        crash_point(f"after_step:{step + 1}")
     run.close()
     if cfg.save:
         ckpt.save_native(handle.chunks, state, Path(cfg.out_dir) / "checkpoint", cfg.data.tokenizer)

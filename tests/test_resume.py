@@ -1,0 +1,138 @@
+"""Training-state checkpoints: a SIGKILLed run resumes bit-exactly (TP2 x PP2 x DP2 with ZeRO-1, under
+torchrun), a checkpoint resumes into other layouts, a save killed at any point leaves the previous
+checkpoint loadable and the run resumable, and broken checkpoints are refused with one line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import train_state
+from engine.checkpoint import NativeSource
+
+TINY = ["--micro_batch_size=2", "--data.seq_len=32", "--optim.warmup_steps=1", "--model.hidden_size=64",
+        "--model.intermediate_size=160", "--model.num_layers=2", "--model.num_heads=4", "--model.num_kv_heads=2",
+        "--model.tie_word_embeddings=true", "--optim.lr=3e-3", "--save=false"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trident(args, world=1, crash=None, check=True):
+    """`trident train ...` in fresh processes (torchrun for world > 1); crash: TRIDENT_CRASH_AT."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("TRIDENT_CRASH_AT", None)
+    if crash:
+        env["TRIDENT_CRASH_AT"] = crash
+    launch = [sys.executable, "-m", "engine.cli"] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", "engine.cli"]
+    proc = subprocess.run(launch + ["train"] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir) -> dict[int, float]:
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines]
+    assert steps == list(range(steps[0], steps[0] + len(steps)))  # each step once, in order
+    return {x["step"]: x["loss"] for x in lines}
+
+
+def tensors(path) -> dict:
+    src = NativeSource(path)
+    return {n: src.read(n, None, 0, 0) for n in src.tensors}
+
+
+def assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for n in a:
+        if atol == 0.0:
+            assert torch.equal(a[n], b[n]), n
+        else:
+            torch.testing.assert_close(a[n], b[n], atol=atol, rtol=0, msg=n)
+
+
+def step_dir(run, step):
+    return Path(run) / "checkpoints" / train_state.step_name(step)
+
+
+@pytest.mark.slow
+def test_sigkill_resume_bit_exact_and_into_other_layouts(tmp_path):
+    """TP2 x PP2 x DP2, ZeRO-1, fp32: killed after step 2, resumed from the run directory, it logs the
+    same losses and ends with the same weights and optimizer state as the uninterrupted run, bit for
+    bit. The step-2 checkpoint resumes at TP1 x PP1 x DP4 and TP4 x PP2 x DP1 (same global batch of 8
+    rows) and takes step 3 as the original layout does, to round-off."""
+    layout = ["--parallel.tp=2", "--parallel.pp=2", "--parallel.sequence_parallel=true", "--grad_accum=2",
+              "--optim.distributed=true", "--checkpoint.save_every=1", "--checkpoint.keep_last=4"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    trident(TINY + layout + ["--steps=4", f"--out_dir={full}"], world=8)
+    crashed = trident(TINY + layout + ["--steps=4", f"--out_dir={cut}"], world=8, crash="after_step:2", check=False)
+    assert crashed.returncode != 0 and (cut / "checkpoints" / "latest").read_text() == "step-00000002"
+    resumed = trident(TINY + layout + ["--steps=4", f"--out_dir={cut}"], world=8)
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert losses(cut) == losses(full)
+    for sub in ("model", "model.optim/exp_avg", "model.optim/exp_avg_sq"):
+        assert_same(tensors(step_dir(cut, 4) / sub), tensors(step_dir(full, 4) / sub))
+    state = json.loads((step_dir(cut, 4) / "trainer_state.json").read_text())
+    assert state["trainer"]["samples"] == 4 * 8 and state["models"]["model"]["distributed_optimizer"]
+
+    for world, other in ((4, ["--grad_accum=1"]), (8, ["--parallel.tp=4", "--parallel.pp=2", "--grad_accum=4"])):
+        out = tmp_path / f"re{world}"
+        proc = trident(TINY + other + ["--steps=4", "--checkpoint.save_every=1", f"--out_dir={out}",
+                                       f"--resume={step_dir(full, 2)}"], world=world)
+        assert "layout changed" in proc.stdout + proc.stderr
+        assert list(losses(out)) == [3, 4] and losses(out)[3] == pytest.approx(losses(full)[3], rel=1e-6)
+        for sub in ("model", "model.optim/exp_avg", "model.optim/exp_avg_sq"):
+            assert_same(tensors(step_dir(out, 3) / sub), tensors(step_dir(full, 3) / sub), atol=1e-6)
+
+
+@pytest.mark.parametrize("point", ["save:mid_shard:4", "save:before_rename:4", "save:before_latest:4"])
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
+    args = TINY + ["--steps=6", "--checkpoint.save_every=2", "--checkpoint.keep_last=2", "--precision=bf16"]
+    full, run = tmp_path / "full", tmp_path / "run"
+    if point.endswith("mid_shard:4"):  # the uninterrupted reference, once
+        trident(args + [f"--out_dir={full}"])
+    crashed = trident(args + [f"--out_dir={run}"], crash=point, check=False)
+    assert crashed.returncode != 0
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000002"
+    assert train_state.find(run) == step_dir(run, 2)
+    complete = step_dir(run, 4).exists()
+    assert complete == point.startswith("save:before_latest")  # renamed only once complete
+    trident(args + [f"--out_dir={run}"])  # resumes from step 2 and finishes
+    assert list(losses(run)) == [1, 2, 3, 4, 5, 6] and sorted(p.name for p in (run / "checkpoints").glob("step-*")) == \
+        ["step-00000004", "step-00000006"]
+    if point.endswith("mid_shard:4"):
+        assert losses(run) == losses(full)
+        assert_same(tensors(step_dir(run, 6) / "model"), tensors(step_dir(full, 6) / "model"))
+        assert_same(tensors(step_dir(run, 6) / "model.optim/master"), tensors(step_dir(full, 6) / "model.optim/master"))
+
+
+def test_broken_checkpoints_are_refused_with_one_line(tmp_path):
+    run = tmp_path / "run"
+    trident(TINY + ["--steps=1", f"--out_dir={run}"])
+    ck = step_dir(run, 1)
+    # another model's checkpoint
+    bad = trident(TINY + ["--steps=2", f"--out_dir={tmp_path}/b", f"--resume={ck}", "--model.hidden_size=32"],
+                  check=False)
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(err) == 1 and "another model" in err[0] and "trident_index.json" in err[0], err
+    # a truncated shard
+    shard = ck / "model.optim" / "exp_avg" / "tp00-pp00.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    bad = trident(TINY + ["--steps=2", f"--out_dir={tmp_path}/c", f"--resume={ck}"], check=False)
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(err) == 1 and str(shard) in err[0], err
+    # nothing there
+    bad = trident(TINY + ["--steps=2", f"--out_dir={tmp_path}/d", f"--resume={tmp_path}/nope"], check=False)
+    assert bad.returncode == 2 and "no such directory" in bad.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_weights_only_checkpoint_starts_fresh_optimizer_state(tmp_path):
+    run = tmp_path / "run"
+    trident(TINY + ["--steps=2", f"--out_dir={run}", "--save=true"])
+    proc = trident(TINY + ["--steps=1", f"--out_dir={tmp_path}/w", f"--resume={run}/checkpoint"])
+    assert "weights-only checkpoint" in proc.stdout + proc.stderr
+    assert losses(tmp_path / "w")[1] < losses(run)[1]  # the trained weights were loaded
