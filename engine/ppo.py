@@ -16,16 +16,17 @@ import torch
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine import rl_math
+from engine import rl_math, train_state
 from engine.build import build_handle, check_parallel, check_precision, with_value_head
-from engine.config import parse_run_args, validate
+from engine.config import parse_run_args
 from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
 from engine.experience import (actor_forward_step, build_experience, critic_forward_step, gather_out,
                                last_value_step, logprob_step, pad_rows, ptx_batches, ptx_forward_step, value_step)
-from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig  # noqa: F401 (public names)
-from engine.reward import resolve_rule, rule_scores
-from engine.rollout import make_rollout, vllm_available
+from engine.faults import crash_point
+from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig, check_config  # noqa: F401 (public names)
+from engine.reward import rule_scores
+from engine.rollout import make_rollout
 from engine.run_log import RunLog
 from engine.sampler import SamplingParams
 from engine.tokenizer import check_vocab, load_tokenizer
@@ -39,8 +40,8 @@ def _ids(mb):
     return mb["input_ids"] if isinstance(mb, dict) else mb.input_ids
 
 
-def constant_lr(lr: float, clip: float) -> OptimConfig:
-    return OptimConfig(lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0, clip_grad=clip)
+def constant_lr(lr: float, clip: float, distributed: bool = False) -> OptimConfig:
+    return OptimConfig(lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0, clip_grad=clip, distributed=distributed)
 
 
 def load_prompts(path: str, tokenizer, max_prompt_len: int) -> tuple[list[dict], list[list[int]], int]:
@@ -72,15 +73,17 @@ class PPOTrainer:
         def handle(source, optim=None):
             return build_handle(source, state, par, cfg, optim, cfg.steps * algo.epochs * algo.minibatches, _ids)
 
-        self.actor = handle(actor_source, constant_lr(cfg.actor_lr, cfg.clip_grad))
+        zero = cfg.distributed_optimizer
+        self.actor = handle(actor_source, constant_lr(cfg.actor_lr, cfg.clip_grad, zero))
         self.ref = handle(actor_source)
-        self.critic = (handle(with_value_head(critic_source or actor_source), constant_lr(cfg.critic_lr, cfg.clip_grad))
+        self.critic = (handle(with_value_head(critic_source or actor_source), constant_lr(cfg.critic_lr, cfg.clip_grad, zero))
                        if self.use_critic else None)
         self.rm = handle(rm_source) if rm_source else None
         self.kl_ctl = (rl_math.AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
                        if algo.kl_target else rl_math.FixedKLController(algo.kl_coef))
         self.moments = rl_math.RunningMoments()
         self.order_rng = random.Random(cfg.seed)
+        self.ptx_used = 0
         ro = cfg.rollout
         actor = self.actor.chunks if state.pp > 1 else self.actor.chunks[0]
         self.rollout = make_rollout(ro.backend, actor, eos_id, pad_id, actor_source.config.max_position_embeddings,
@@ -88,6 +91,25 @@ class PPOTrainer:
                                     log_level=ro.engine_log_level)
         self.synced = True  # the rollout engine starts from the initial actor
         freeze_heap()
+
+    def handles(self) -> dict:
+        """The trainable models, by the names their training state is saved under."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def trainer_state(self) -> dict:
+        """Everything but the models a resumed run needs to continue bit-exactly (JSON)."""
+        return {"kl_coef": self.kl_ctl.value, "moments": [self.moments.mean, self.moments.var, self.moments.count],
+                "order_rng": self.order_rng.getstate(), "ptx_used": self.ptx_used}
+
+    def load_trainer_state(self, s: dict) -> None:
+        self.kl_ctl.value = s["kl_coef"]
+        self.moments.mean, self.moments.var, self.moments.count = s["moments"]
+        version, inner, gauss = s["order_rng"]
+        self.order_rng.setstate((version, tuple(inner), gauss))
+        for _ in range(s["ptx_used"] - self.ptx_used) if self.ptx_iter is not None else ():
+            next(self.ptx_iter)
+        self.ptx_used = s["ptx_used"]
+        self.synced = False  # the rollout engine still holds the initial actor
 
     def sync(self) -> float:
         """Hand the current actor weights to the rollout engine (once per update)."""
@@ -209,6 +231,7 @@ class PPOTrainer:
                 actor_step = actor_forward_step(algo, cfg.rollout.temperature, norm)
                 if self.ptx_iter is not None:  # PPO-ptx: its gradients join the actor's before the DP reduction
                     self.actor.forward_backward(ptx_forward_step(algo.ptx_coef), [next(self.ptx_iter)], sync=False)
+                    self.ptx_used += 1
                 if exp.old_values is None and self.critic is not None:
                     values = []
 
@@ -277,23 +300,6 @@ class PPOTrainer:
         thaw_heap()
 
 
-def check_config(cfg: PPOConfig) -> None:
-    """Everything a PPO run refers to, resolved before any model or engine starts."""
-    validate(cfg)
-    if cfg.algo.advantage not in ("gae", "reinforce_pp") and cfg.rollout.samples_per_prompt < 2:
-        raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs rollout.samples_per_prompt >= 2")
-    if cfg.parallel.virtual_stages != 1:
-        raise ConfigError("ppo pipelines actor and critic in one shared 1F1B schedule: parallel.virtual_stages must be 1")
-    if cfg.rollout.backend == "native" and cfg.parallel.pp > 1:
-        raise ConfigError("the native sampler runs without pipeline parallelism (pp = 1); use rollout.backend=vllm")
-    if cfg.rollout.backend == "vllm" and not vllm_available():
-        raise ConfigError("rollout.backend=vllm but vllm does not import here (install the `vllm` extra)")
-    for name in list(cfg.reward.rules) + list(cfg.eval.rules if cfg.eval.path else []):
-        resolve_rule(name)
-    if cfg.algo.ptx_coef and not cfg.algo.ptx_data:
-        raise ConfigError("algo.ptx_coef > 0 needs algo.ptx_data")
-
-
 def ppo(cfg: PPOConfig) -> list[dict]:
     check_config(cfg)
     actor_source = ckpt.open_source(cfg.actor)
@@ -319,6 +325,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         if other is not None:
             check_precision(cfg, other.config, cfg.parallel.tp)
     ptx = ptx_batches(cfg.algo.ptx_data, tokenizer, cfg.seed) if cfg.algo.ptx_coef else None
+    resume_from, why = train_state.resolve_resume(cfg.resume, cfg.out_dir)
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if cfg.rollout.prompts_per_step % state.dp:
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must divide by the "
@@ -327,13 +334,14 @@ def ppo(cfg: PPOConfig) -> list[dict]:
                          ptx(state) if ptx else None)
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
-    run = RunLog(cfg.out_dir, cfg, main_rank)
-    if eval_ids:
-        run.log(trainer.evaluate(0, tokenizer, eval_records, eval_ids))
     rng = torch.Generator().manual_seed(cfg.seed)
+    start = resume(cfg, trainer, state, resume_from, why, rng)
+    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if resume_from is not None else None)
+    if eval_ids and start == 0:
+        run.log(trainer.evaluate(0, tokenizer, eval_records, eval_ids))
     group = cfg.rollout.samples_per_prompt
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}, {cfg.precision}]", disable=not main_rank,
-               dynamic_ncols=True)
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}, {cfg.precision}]",
+               disable=not main_rank, dynamic_ncols=True, initial=start, total=cfg.steps)
     for step in bar:
         pick = torch.randperm(len(prompt_ids), generator=rng)[: cfg.rollout.prompts_per_step].tolist()
         pick = [i for i in pick for _ in range(group)]  # each prompt's samples sit together
@@ -349,6 +357,12 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{line['kl']:.3f}")
         if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
             run.log(trainer.evaluate(step, tokenizer, eval_records, eval_ids))
+        if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or (
+                step == cfg.steps and cfg.checkpoint.at_end):
+            train_state.save(out / "checkpoints", step, trainer.handles(), state,
+                             {"step": step, "prompt_rng": train_state.b64(rng.get_state()), **trainer.trainer_state()},
+                             cfg.checkpoint.keep_last, cfg.tokenizer)
+        crash_point(f"after_step:{step}")
     trainer.close()
     run.close()
     ckpt.save_native(trainer.actor.chunks, state, out / "actor", cfg.tokenizer)
@@ -359,6 +373,20 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         from engine.run_log import plot_metrics
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return run.history
+
+
+def resume(cfg: PPOConfig, trainer: PPOTrainer, state, resume_from, why: str, prompt_rng) -> int:
+    """Load a checkpoint into the trainer (if any); returns the step to continue after."""
+    if resume_from is None:
+        return 0
+    say = tqdm.write if state.rank == 0 else (lambda msg: None)
+    say(f"resuming from {resume_from} ({why})")
+    saved = train_state.load(resume_from, trainer.handles(), state, say)
+    if saved is None:
+        return 0
+    trainer.load_trainer_state(saved)
+    prompt_rng.set_state(train_state.unb64(saved["prompt_rng"]))
+    return saved["step"]
 
 
 def main(argv: list[str]) -> int:

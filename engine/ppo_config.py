@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from engine.config import ParallelConfig, PrecisionSettings
-from engine.reward import RewardConfig
+from engine.config import ParallelConfig, PrecisionSettings, validate
+from engine.errors import ConfigError
+from engine.reward import RewardConfig, resolve_rule
+from engine.train_state import CheckpointConfig
 from parallel.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 
 
@@ -165,6 +167,9 @@ class PPOConfig(PrecisionSettings):
     """The critic's constant learning rate."""
     clip_grad: NonNegFloat = 1.0
     """Clip each model's global gradient norm to this (0 disables)."""
+    distributed_optimizer: bool = False
+    """ZeRO-1 for actor and critic (train / rm: optim.distributed): fp32 masters and moments sharded
+    over the DP group."""
     steps: PositiveInt = 20
     """PPO iterations (each: one rollout, then epochs x minibatches of updates)."""
     seed: int = 0
@@ -173,3 +178,27 @@ class PPOConfig(PrecisionSettings):
     """Run directory: config.yaml, metrics.jsonl, curves.png, actor/ (native), hf/."""
     export_hf: bool = True
     """Write the final actor as an HF directory (out_dir/hf) besides the native checkpoint."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training-state checkpoints (out_dir/checkpoints/step-N): actor, critic, both optimizers, the
+    KL controller, reward moments, prompt / minibatch order and PPO-ptx position."""
+    resume: str | None = None
+    """Resume from a training-state checkpoint, a checkpoints directory or a run directory; unset, a
+    run directory that already holds checkpoints resumes from its latest."""
+
+
+def check_config(cfg: PPOConfig) -> None:
+    """Everything a PPO run refers to, resolved before any model or engine starts."""
+    validate(cfg)
+    if cfg.algo.advantage not in ("gae", "reinforce_pp") and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"algo.advantage={cfg.algo.advantage} needs rollout.samples_per_prompt >= 2")
+    if cfg.parallel.virtual_stages != 1:
+        raise ConfigError("ppo pipelines actor and critic in one shared 1F1B schedule: parallel.virtual_stages must be 1")
+    if cfg.rollout.backend == "native" and cfg.parallel.pp > 1:
+        raise ConfigError("the native sampler runs without pipeline parallelism (pp = 1); use rollout.backend=vllm")
+    from engine.rollout import vllm_available  # imports torch-heavy modules: only when checking
+    if cfg.rollout.backend == "vllm" and not vllm_available():
+        raise ConfigError("rollout.backend=vllm but vllm does not import here (install the `vllm` extra)")
+    for name in list(cfg.reward.rules) + list(cfg.eval.rules if cfg.eval.path else []):
+        resolve_rule(name)
+    if cfg.algo.ptx_coef and not cfg.algo.ptx_data:
+        raise ConfigError("algo.ptx_coef > 0 needs algo.ptx_data")

@@ -46,9 +46,10 @@ OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
 @dataclass
 class CheckpointConfig:
     save_every: NonNegInt = 0
-    """Save the full training state every N optimizer steps (0: only at the end, see `at_end`)."""
-    at_end: bool = True
-    """Also save the training state after the last step."""
+    """Save the full training state every N optimizer steps (0: never; see `at_end`). Opt-in, as in
+    torchtitan: a run directory that holds checkpoints resumes from them when started again."""
+    at_end: bool = False
+    """Also save the training state after the last step (to extend the run later)."""
     keep_last: PositiveInt = 2
     """Keep this many training-state checkpoints; older ones are deleted after a save completes."""
 
@@ -255,11 +256,11 @@ def _load_model(path: Path, name: str, h, meta: dict, layout: dict, state, log) 
 
 # ---- RNG ----------------------------------------------------------------------------------------
 
-def _b64(t: torch.Tensor) -> str:
+def b64(t: torch.Tensor) -> str:
     return base64.b64encode(t.numpy().tobytes()).decode()
 
 
-def _unb64(s: str) -> torch.Tensor:
+def unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
@@ -269,9 +270,9 @@ def rng_state() -> dict:
     version, inner, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     out = {"python": [version, list(inner), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-           "torch": _b64(torch.get_rng_state())}
+           "torch": b64(torch.get_rng_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        out["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
     return out
 
 
@@ -282,6 +283,6 @@ def set_rng_state(s: dict) -> None:
     random.setstate((version, tuple(inner), gauss))
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(s["torch"]))
+    torch.set_rng_state(unb64(s["torch"]))
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(x) for x in s["cuda"]])
+        torch.cuda.set_rng_state_all([unb64(x) for x in s["cuda"]])

@@ -136,7 +136,7 @@ def test_fused_values_equal_a_separate_critic_scoring_pass(actor, tmp_path, monk
                  "--steps=3", "--algo.epochs=1", "--algo.minibatches=1", "--algo.micro_batch_size=3")
     fused = ppo(load_config(PPOConfig, None, args))
     assert critic_scored == []
-    separate = ppo(load_config(PPOConfig, None, [*args, "--algo.fused_values=false"]))
+    separate = ppo(load_config(PPOConfig, None, [*args, "--algo.fused_values=false", f"--out_dir={tmp_path}/y"]))
     assert critic_scored == [True] * 3
     keys = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "clip_frac", "response_len"]
     for a, b in zip(fused, separate):

@@ -19,22 +19,28 @@ TINY = ["--micro_batch_size=2", "--data.seq_len=32", "--optim.warmup_steps=1", "
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def trident(args, world=1, crash=None, check=True):
-    """`trident train ...` in fresh processes (torchrun for world > 1); crash: TRIDENT_CRASH_AT."""
+def trident(args, world=1, crash=None, check=True, command="train"):
+    """`trident <command> ...` in fresh processes (torchrun for world > 1); crash: TRIDENT_CRASH_AT."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("TRIDENT_CRASH_AT", None)
     if crash:
         env["TRIDENT_CRASH_AT"] = crash
     launch = [sys.executable, "-m", "engine.cli"] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", "engine.cli"]
-    proc = subprocess.run(launch + ["train"] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(launch + [command] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def losses(run_dir) -> dict[int, float]:
+def metrics(run_dir) -> list[dict]:
+    """metrics.jsonl without the timings (which differ from run to run)."""
     lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if not k.endswith("_s") and k != "gen_tokens_per_s"} for x in lines]
+
+
+def losses(run_dir) -> dict[int, float]:
+    lines = metrics(run_dir)
     steps = [x["step"] for x in lines]
     assert steps == list(range(steps[0], steps[0] + len(steps)))  # each step once, in order
     return {x["step"]: x["loss"] for x in lines}
@@ -111,7 +117,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
 
 def test_broken_checkpoints_are_refused_with_one_line(tmp_path):
     run = tmp_path / "run"
-    trident(TINY + ["--steps=1", f"--out_dir={run}"])
+    trident(TINY + ["--steps=1", f"--out_dir={run}", "--checkpoint.at_end=true"])
     ck = step_dir(run, 1)
     # another model's checkpoint
     bad = trident(TINY + ["--steps=2", f"--out_dir={tmp_path}/b", f"--resume={ck}", "--model.hidden_size=32"],
@@ -136,3 +142,35 @@ def test_weights_only_checkpoint_starts_fresh_optimizer_state(tmp_path):
     proc = trident(TINY + ["--steps=1", f"--out_dir={tmp_path}/w", f"--resume={run}/checkpoint"])
     assert "weights-only checkpoint" in proc.stdout + proc.stderr
     assert losses(tmp_path / "w")[1] < losses(run)[1]  # the trained weights were loaded
+
+
+@pytest.fixture(scope="module")
+def actor(tmp_path_factory):
+    from tests.hf_models import save_hf_model
+    d = tmp_path_factory.mktemp("actor")
+    save_hf_model("llama", d, vocab_size=384, max_position_embeddings=64)
+    return str(d)
+
+
+def ppo_args(actor, out, *extra):
+    return [f"--actor={actor}", "--rollout.backend=native", "--steps=4", "--rollout.prompts_per_step=8",
+            "--rollout.samples_per_prompt=2",
+            "--rollout.max_new_tokens=4", "--eval.limit=8", "--eval.every=2", f"--out_dir={out}",
+            "--algo.micro_batch_size=4", "--algo.minibatches=2", "--algo.epochs=2", "--algo.kl_target=0.05",
+            "--algo.normalize_rewards=true", "--algo.ptx_coef=0.2", "--algo.ptx_data=data/arith_sft.jsonl",
+            "--actor_lr=1e-3", "--critic_lr=1e-3", "--export_hf=false", "--checkpoint.save_every=2", *extra]
+
+
+@pytest.mark.slow
+def test_ppo_sigkill_resume_bit_exact_tp2_native(actor, tmp_path):
+    """PPO at TP2 with the native sampler (actor, critic, both optimizers, the adaptive KL controller,
+    reward moments, prompt / minibatch order and the PPO-ptx stream): killed after step 2 and resumed,
+    it logs the same metrics and ends with the same actor and critic as the uninterrupted run."""
+    args = ppo_args(actor, tmp_path / "full", "--parallel.tp=2", "--distributed_optimizer=true")
+    trident(args, world=2, command="ppo")
+    cut = ppo_args(actor, tmp_path / "cut", "--parallel.tp=2", "--distributed_optimizer=true")
+    assert trident(cut, world=2, command="ppo", crash="after_step:2", check=False).returncode != 0
+    trident(cut, world=2, command="ppo")
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    for sub in ("actor", "actor.optim/exp_avg", "critic", "critic.optim/exp_avg_sq"):
+        assert_same(tensors(step_dir(tmp_path / "cut", 4) / sub), tensors(step_dir(tmp_path / "full", 4) / sub))
