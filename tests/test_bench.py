@@ -117,3 +117,14 @@ def test_bench_precision_smoke(capsys, tmp_path):
     assert fp16["steps"] == 5 and 0 <= fp16["held_out_accuracy"] <= 1 and "loss_vs_bf16" in fp16
     assert abs(fp16["loss_vs_bf16"]) < 0.05  # 5 steps from one init barely diverge
     assert bench.main(["precision", "--precisions", "fp4"]) == 2
+
+
+def test_bench_memory_matches_megatron_formula():
+    """Bytes per rank the handle really holds (bf16): 18 per parameter with DDP, 6 + 12/dp with ZeRO-1."""
+    from tools.bench_memory import run
+    res = run("tiny", (1, 2), "bf16")
+    by = {(r["zero"], r["dp"]): r for r in res["rows"]}
+    for r in res["rows"]:
+        assert abs(r["measured_over_formula"] - 1) < 0.10, r
+    assert by[(True, 2)]["optimizer_bytes"] < 0.55 * by[(False, 2)]["optimizer_bytes"]
+    assert by[(False, 2)]["optimizer_bytes"] == by[(False, 1)]["optimizer_bytes"]

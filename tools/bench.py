@@ -1,4 +1,4 @@
-"""`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline, precision.
+"""`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline, precision, memory.
 
     python -m tools.bench train --size M --precision bf16,fp8 --compare hf [--compile]
     python -m tools.bench ppo --size L --precision bf16
@@ -119,6 +119,34 @@ def _precision_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="runs per precision (seeds 0..N-1), compared by their means")
     p.add_argument("--out", default="runs/bench_precision", help="where the runs go (default runs/bench_precision)")
     return p
+
+
+def _memory_parser(sub) -> argparse.ArgumentParser:
+    from tools.bench_train import SIZES
+
+    p = sub.add_parser(
+        "memory", help="bytes per rank of parameters, gradients and optimizer state (DDP vs ZeRO-1)",
+        description="Build the training handle at DP 1, 2 and 4 (plain DDP and optim.distributed), take one step, "
+                    "and report the bytes its parameters, fp32 gradient buffer and optimizer state hold per rank, "
+                    "next to Megatron's formula (bf16: 18 bytes/param, 6 + 12/dp with ZeRO-1).",
+        epilog="example: trident bench memory --size S --dp 1,2,4")
+    p.add_argument("--size", default="S", choices=sorted(SIZES), help="named model size (default S)")
+    p.add_argument("--dp", default="1,2,4", help="data-parallel sizes, comma-separated (default 1,2,4)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"], help="parameter precision (default bf16)")
+    return p
+
+
+def memory(args) -> int:
+    from tools.bench_memory import report, run
+
+    try:
+        dps = [int(x) for x in args.dp.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--dp takes comma-separated integers, got {args.dp!r}") from None
+    if not dps or min(dps) < 1:
+        raise ConfigError("--dp sizes must be >= 1")
+    res = run(args.size, dps, args.precision)
+    return _report(report(res), res)
 
 
 def precision(args) -> int:
@@ -242,6 +270,7 @@ def main(argv: list[str]) -> int:
     _ppo_parser(sub)
     _pipeline_parser(sub)
     _precision_parser(sub)
+    _memory_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -252,6 +281,8 @@ def main(argv: list[str]) -> int:
             return pipeline(args)
         if args.command == "precision":
             return precision(args)
+        if args.command == "memory":
+            return memory(args)
     except TridentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
