@@ -88,7 +88,8 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
             # the stabilisers of the RL-algorithms issue, under TP, PP and the shared schedule (4 micro-batches)
             "--algo.loss_agg=seq-mean-token-mean", "--algo.clip_eps_high=0.28", "--algo.kl_mode=loss",
             "--algo.kl_estimator=k3", "--algo.kl_clamp=5"]
-    one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one"], timeout=900)[0]
+    one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one", "--checkpoint.save_every=1"],
+                    timeout=900)[0]
     four = run_ranks(4, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/four", "--parallel.tp=2",
                                                          "--parallel.pp=2"], timeout=900)
     keys = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len"]
@@ -97,3 +98,11 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
             for k in keys:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)
     assert one[1]["kl"] != 0
+    # resumed from step 1 (a fresh engine gets the resumed actor before it generates, and vLLM's
+    # per-request seeds draw the same samples), step 2 is the uninterrupted run's, bit for bit
+    resumed = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/resumed",
+                                                             f"--resume={tmp_path}/one/checkpoints/step-00000001"],
+                        timeout=900)[0]
+    timing = ("_s", "gen_tokens_per_s")
+    assert [{k: v for k, v in x.items() if not k.endswith(timing)} for x in resumed] == \
+        [{k: v for k, v in x.items() if not k.endswith(timing)} for x in one[1:]]
