@@ -28,9 +28,10 @@ from engine.config import ParallelConfig, PrecisionSettings, parse_run_args, val
 from engine.data import read_jsonl
 from engine.errors import ConfigError
 from engine.experience import action_log_probs_and_entropy, build_experience
-from engine.rm import PAIR_FIELDS, encode_preferences
+from engine.rm import PAIR_FIELDS, PairOrder, encode_preferences, maybe_save, resume_or_start
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
+from engine.train_state import CheckpointConfig, resolve_resume
 from parallel import comm
 from parallel.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
 from parallel.optimizer import OptimConfig
@@ -81,6 +82,10 @@ class DPOConfig(PrecisionSettings):
     """Run directory: config.yaml, metrics.jsonl, checkpoint/ (native), hf/."""
     export_hf: bool = True
     """Write the trained policy as an HF directory (out_dir/hf) besides the native checkpoint."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training-state checkpoints (out_dir/checkpoints/step-N)."""
+    resume: str | None = None
+    """Resume from a training-state checkpoint, a checkpoints directory or a run directory (see train)."""
 
 
 @dataclass
@@ -201,6 +206,7 @@ def train_dpo(cfg: DPOConfig) -> list[dict]:
     check_vocab(tokenizer, source.config.vocab_size)
     train_pairs, skipped = encode_preferences(read_jsonl(cfg.train, PAIR_FIELDS), tokenizer, cfg.max_len)
     eval_pairs = encode_preferences(read_jsonl(cfg.eval, PAIR_FIELDS), tokenizer, cfg.max_len)[0] if cfg.eval else []
+    found = resolve_resume(cfg.resume, cfg.out_dir)
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if cfg.batch_pairs % state.dp:
         raise ConfigError(f"batch_pairs ({cfg.batch_pairs}) must divide by the data-parallel size ({state.dp})")
@@ -216,20 +222,18 @@ def train_dpo(cfg: DPOConfig) -> list[dict]:
     ref_s = time.perf_counter() - t0
     handle = build_handle(source, state, cfg.parallel, cfg, cfg.optim, cfg.steps, ids=ids)
     main_rank = state.rank == 0
-    run = RunLog(cfg.out_dir, cfg, main_rank)
-    if eval_pairs:
+    start, saved = resume_or_start(found, handle, state)
+    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if saved else None)
+    if eval_pairs and start == 0:
         run.log({"step": 0, **evaluate(handle, cfg, eval_pairs, ref_eval, state, tokenizer.pad_id),
                  "ref_scoring_s": ref_s})
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos = torch.randperm(len(train_pairs), generator=gen), 0
+    order = PairOrder(len(train_pairs), cfg.batch_pairs, cfg.seed, saved and saved["order"])
     step_fn = dpo_forward_step(cfg, cfg.batch_pairs)
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"dpo[{cfg.precision}]", disable=not main_rank, dynamic_ncols=True)
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"dpo[{cfg.precision}]", disable=not main_rank,
+               dynamic_ncols=True, initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
-        if pos + cfg.batch_pairs > len(order):
-            order, pos = torch.randperm(len(train_pairs), generator=gen), 0
-        picked = order[pos:pos + cfg.batch_pairs][state.dp_rank * share:(state.dp_rank + 1) * share]
-        pos += cfg.batch_pairs
+        picked = order.next()[state.dp_rank * share:(state.dp_rank + 1) * share]
         mine = [train_pairs[i] for i in picked.tolist()]
         ref = ref_train[picked.to(state.device)]
         stats, metrics = handle.train_step(step_fn, micro_batches(mine, ref, micro, tokenizer.pad_id))
@@ -243,6 +247,7 @@ def train_dpo(cfg: DPOConfig) -> list[dict]:
             line.update(evaluate(handle, cfg, eval_pairs, ref_eval, state, tokenizer.pad_id))
         run.step(line)
         bar.set_postfix(loss=f"{line['loss']:.3f}", acc=f"{line.get('eval_accuracy', line['accuracy']):.3f}")
+        maybe_save(cfg, step, handle, state, {"step": step, "order": order.position()})
     run.close()
     out = Path(cfg.out_dir)
     ckpt.save_native(handle.chunks, state, out / "checkpoint", cfg.tokenizer)

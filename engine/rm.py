@@ -21,8 +21,12 @@ from engine.build import build_handle, check_parallel, check_precision, with_val
 from engine.config import ParallelConfig, PrecisionSettings, parse_run_args, validate
 from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
+from engine.faults import crash_point
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
+from engine.train_state import CheckpointConfig, b64, resolve_resume, unb64
+from engine.train_state import load as load_state
+from engine.train_state import save as save_state
 from parallel import comm
 from parallel.config import PositiveInt
 from parallel.optimizer import OptimConfig
@@ -60,6 +64,60 @@ class RMConfig(PrecisionSettings):
     """Seeds the head's init and the pair order."""
     out_dir: str = "runs/rm"
     """Run directory: config.yaml, metrics.jsonl, checkpoint/."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training-state checkpoints (out_dir/checkpoints/step-N)."""
+    resume: str | None = None
+    """Resume from a training-state checkpoint, a checkpoints directory or a run directory (see train)."""
+
+
+class PairOrder:
+    """Which pairs each step trains on (RM and DPO): a permutation from one seeded generator, drawn
+    again when the current one runs out. `position()` is JSON; built from it, the order continues
+    exactly (the generator state from before the current permutation, and the offset in it)."""
+
+    def __init__(self, n: int, batch: int, seed: int, position: dict | None = None):
+        self.n, self.batch = n, batch
+        self.gen = torch.Generator().manual_seed(seed)
+        if position is not None:
+            self.gen.set_state(unb64(position["rng"]))
+        self._draw()
+        self.pos = position["pos"] if position is not None else 0
+
+    def _draw(self) -> None:
+        self._rng_before = self.gen.get_state()
+        self.order = torch.randperm(self.n, generator=self.gen)
+
+    def next(self) -> torch.Tensor:
+        """Indices of the next step's pairs (over all DP ranks)."""
+        if self.pos + self.batch > self.n:
+            self._draw()
+            self.pos = 0
+        self.pos += self.batch
+        return self.order[self.pos - self.batch:self.pos]
+
+    def position(self) -> dict:
+        return {"rng": b64(self._rng_before), "pos": self.pos}
+
+
+def resume_or_start(found: tuple, handle, state) -> tuple[int, dict | None]:
+    """(steps already done, the saved recipe state) from what train_state.resolve_resume found."""
+    resume_from, why = found
+    if resume_from is None:
+        return 0, None
+    say = tqdm.write if state.rank == 0 else (lambda msg: None)
+    say(f"resuming from {resume_from} ({why})")
+    saved = load_state(resume_from, {"model": handle}, state, say)
+    return (saved["step"], saved) if saved else (0, None)
+
+
+def maybe_save(cfg, step: int, handle, state, trainer: dict) -> None:
+    """The training state after `step`, when checkpoint.save_every or at_end asks for it (the end of
+    a step, where the fault tests kill a run)."""
+    c = cfg.checkpoint
+    if (c.save_every and step % c.save_every == 0) or (step == cfg.steps and c.at_end):
+        save_state(Path(cfg.out_dir) / "checkpoints", step, {"model": handle}, state, trainer, c.keep_last,
+                   cfg.tokenizer)
+    crash_point(f"after_step:{step}")
 
 
 def encode_preferences(records, tokenizer, max_len: int) -> tuple[list[tuple], int]:
@@ -140,6 +198,7 @@ def train_rm(cfg: RMConfig) -> list[dict]:
     check_vocab(tokenizer, source.config.vocab_size)
     train_pairs, skipped = encode_pairs(read_jsonl(cfg.train, PAIR_FIELDS), tokenizer, cfg.max_len)
     eval_pairs = encode_pairs(read_jsonl(cfg.eval, PAIR_FIELDS), tokenizer, cfg.max_len)[0] if cfg.eval else []
+    found = resolve_resume(cfg.resume, cfg.out_dir)
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if cfg.batch_pairs % state.dp:
         raise ConfigError(f"batch_pairs ({cfg.batch_pairs}) must divide by the data-parallel size ({state.dp})")
@@ -149,18 +208,16 @@ def train_rm(cfg: RMConfig) -> list[dict]:
     handle = build_handle(source, state, cfg.parallel, cfg, cfg.optim, cfg.steps, ids=lambda mb: mb["input_ids"])
     held_out = eval_batches(eval_pairs, state, tokenizer.pad_id)
     main_rank = state.rank == 0
-    run = RunLog(cfg.out_dir, cfg, main_rank)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos = torch.randperm(len(train_pairs), generator=gen), 0
+    start, saved = resume_or_start(found, handle, state)
+    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if saved else None)
+    order = PairOrder(len(train_pairs), cfg.batch_pairs, cfg.seed, saved and saved["order"])
     step_fn = bt_forward_step(cfg.batch_pairs)
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"rm[{cfg.precision}]", disable=not main_rank, dynamic_ncols=True)
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"rm[{cfg.precision}]", disable=not main_rank,
+               dynamic_ncols=True, initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
-        if pos + cfg.batch_pairs > len(order):
-            order, pos = torch.randperm(len(train_pairs), generator=gen), 0
-        batch = [train_pairs[i] for i in order[pos:pos + cfg.batch_pairs].tolist()]
-        pos += cfg.batch_pairs
-        mine = batch[state.dp_rank * share:(state.dp_rank + 1) * share]
+        picked = order.next()[state.dp_rank * share:(state.dp_rank + 1) * share]
+        mine = [train_pairs[i] for i in picked.tolist()]
         stats, metrics = handle.train_step(step_fn, micro_batches(mine, micro, tokenizer.pad_id))
         totals = torch.tensor([[s[k] for k in ("loss", "right", "margin")] for s in stats], dtype=torch.float64,
                               device=state.device).sum(0)
@@ -172,6 +229,7 @@ def train_rm(cfg: RMConfig) -> list[dict]:
             line["eval_accuracy"] = pairwise_accuracy(handle, held_out, len(eval_pairs))
         run.step(line)
         bar.set_postfix(loss=f"{line['loss']:.3f}", acc=f"{line.get('eval_accuracy', line['accuracy']):.3f}")
+        maybe_save(cfg, step, handle, state, {"step": step, "order": order.position()})
     run.close()
     ckpt.save_native(handle.chunks, state, Path(cfg.out_dir) / "checkpoint", cfg.tokenizer)
     return run.history

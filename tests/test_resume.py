@@ -174,3 +174,18 @@ def test_ppo_sigkill_resume_bit_exact_tp2_native(actor, tmp_path):
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
     for sub in ("actor", "actor.optim/exp_avg", "critic", "critic.optim/exp_avg_sq"):
         assert_same(tensors(step_dir(tmp_path / "cut", 4) / sub), tensors(step_dir(tmp_path / "full", 4) / sub))
+
+
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_rm_and_dpo_sigkill_resume_bit_exact(tmp_path, command):
+    """The pair order (a permutation redrawn when it runs out) and the model's training state resume:
+    killed after step 2, the run logs the uninterrupted run's metrics and ends with its weights."""
+    trident(TINY + ["--steps=1", f"--out_dir={tmp_path}/policy", "--save=true"])
+    args = [f"--init={tmp_path}/policy/checkpoint", "--steps=4", "--batch_pairs=64", "--eval_every=2",
+            "--checkpoint.save_every=2", "--micro_batch_pairs=32"] + (["--export_hf=false"] if command == "dpo" else [])
+    trident(args + [f"--out_dir={tmp_path}/full"], command=command)
+    cut = args + [f"--out_dir={tmp_path}/cut"]
+    assert trident(cut, command=command, crash="after_step:2", check=False).returncode != 0
+    trident(cut, command=command)
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    assert_same(tensors(step_dir(tmp_path / "cut", 4) / "model"), tensors(step_dir(tmp_path / "full", 4) / "model"))
