@@ -228,20 +228,36 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def save_rank_shard(model: torch.nn.Module, staging: Path, tp_rank: int, pp_rank: int,
-                    tensors: dict | None = None) -> None:
-    """Write the pieces this rank owns (called on dp_rank 0 of every (tp, pp) position): its
-    parameters, or `tensors` (parameter name -> tensor shaped like it)."""
+def shard_tensors(model: torch.nn.Module, tensors: dict | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of the canonical pieces this rank owns: of its parameters, or of `tensors`
+    (parameter name -> tensor shaped like it, e.g. fp32 optimizer state)."""
     params = tensors if tensors is not None else dict(model.named_parameters())
-    tensors = {}
+    out = {}
     for spec in model.shard_specs():
         if not spec.owner or spec.length == 0:
             continue
         t = params[spec.param].detach()
         if spec.rows is not None:
             t = t[spec.rows[0]:spec.rows[1]]
-        tensors[spec.name] = t.to("cpu", copy=True).contiguous()
-    save_file(tensors, str(staging / shard_file(tp_rank, pp_rank)))
+        out[spec.name] = t.to("cpu", copy=True).contiguous()
+    return out
+
+
+def stage_ranges(chunks: list, state) -> list[range]:
+    """Every virtual stage's layer range, in stage order (chunk c of pipeline rank r is stage
+    c * pp + r); collective over the pipeline group."""
+    from parallel import comm
+
+    per_rank = comm.all_gather_object([(c.layer_ids.start, c.layer_ids.stop) for c in chunks], state.pp_group)
+    return [range(*per_rank[r][c]) for c in range(len(chunks)) for r in range(state.pp)]
+
+
+def native_files(chunks: list, state, out: Path, tensors: dict | None = None) -> list[tuple[Path, dict]]:
+    """(file, tensors) this rank writes for a native checkpoint in `out` (none off DP rank 0)."""
+    if state.dp_rank != 0:
+        return []
+    return [(out / shard_file(state.tp_rank, c * state.pp + state.pp_rank), shard_tensors(chunk, tensors))
+            for c, chunk in enumerate(chunks)]
 
 
 def write_native(chunks: list, state, out: Path, tensors: dict | None = None, dtype: torch.dtype | None = None,
@@ -251,12 +267,9 @@ def write_native(chunks: list, state, out: Path, tensors: dict | None = None, dt
     the weights, e.g. by fp32 optimizer state indexed like them."""
     from parallel import comm
 
-    if state.dp_rank == 0:
-        for c, chunk in enumerate(chunks):
-            save_rank_shard(chunk, out, state.tp_rank, c * state.pp + state.pp_rank, tensors)
-    # every virtual stage's layer range, in stage order (chunk c of pipeline rank r is stage c*pp + r)
-    per_rank = comm.all_gather_object([(c.layer_ids.start, c.layer_ids.stop) for c in chunks], state.pp_group)
-    stages = [range(*per_rank[r][c]) for c in range(len(chunks)) for r in range(state.pp)]
+    for path, pieces in native_files(chunks, state, out, tensors):
+        save_file(pieces, str(path))
+    stages = stage_ranges(chunks, state)
     comm.barrier()
     if state.rank == 0:
         name = _dtype_name(dtype or chunks[0].dtype)

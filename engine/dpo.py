@@ -28,10 +28,10 @@ from engine.config import ParallelConfig, PrecisionSettings, parse_run_args, val
 from engine.data import read_jsonl
 from engine.errors import ConfigError
 from engine.experience import action_log_probs_and_entropy, build_experience
-from engine.rm import PAIR_FIELDS, PairOrder, encode_preferences, maybe_save, resume_or_start
+from engine.rm import PAIR_FIELDS, PairOrder, encode_preferences, resume_or_start
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
-from engine.train_state import CheckpointConfig, resolve_resume
+from engine.train_state import CheckpointConfig, Saver, resolve_resume
 from parallel import comm
 from parallel.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
 from parallel.optimizer import OptimConfig
@@ -228,6 +228,7 @@ def train_dpo(cfg: DPOConfig) -> list[dict]:
         run.log({"step": 0, **evaluate(handle, cfg, eval_pairs, ref_eval, state, tokenizer.pad_id),
                  "ref_scoring_s": ref_s})
     order = PairOrder(len(train_pairs), cfg.batch_pairs, cfg.seed, saved and saved["order"])
+    saver = Saver(cfg.checkpoint, Path(cfg.out_dir) / "checkpoints", cfg.steps, state, cfg.tokenizer)
     step_fn = dpo_forward_step(cfg, cfg.batch_pairs)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"dpo[{cfg.precision}]", disable=not main_rank,
                dynamic_ncols=True, initial=start, total=cfg.steps)
@@ -247,7 +248,8 @@ def train_dpo(cfg: DPOConfig) -> list[dict]:
             line.update(evaluate(handle, cfg, eval_pairs, ref_eval, state, tokenizer.pad_id))
         run.step(line)
         bar.set_postfix(loss=f"{line['loss']:.3f}", acc=f"{line.get('eval_accuracy', line['accuracy']):.3f}")
-        maybe_save(cfg, step, handle, state, {"step": step, "order": order.position()})
+        saver.step_end(step, {"model": handle}, {"step": step, "order": order.position()})
+    saver.close()
     run.close()
     out = Path(cfg.out_dir)
     ckpt.save_native(handle.chunks, state, out / "checkpoint", cfg.tokenizer)

@@ -23,7 +23,6 @@ from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
 from engine.experience import (actor_forward_step, build_experience, critic_forward_step, gather_out,
                                last_value_step, logprob_step, pad_rows, ptx_batches, ptx_forward_step, value_step)
-from engine.faults import crash_point
 from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig, check_config  # noqa: F401 (public names)
 from engine.reward import rule_scores
 from engine.rollout import make_rollout
@@ -339,6 +338,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if resume_from is not None else None)
     if eval_ids and start == 0:
         run.log(trainer.evaluate(0, tokenizer, eval_records, eval_ids))
+    saver = train_state.Saver(cfg.checkpoint, out / "checkpoints", cfg.steps, state, cfg.tokenizer)
     group = cfg.rollout.samples_per_prompt
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}, {cfg.precision}]",
                disable=not main_rank, dynamic_ncols=True, initial=start, total=cfg.steps)
@@ -357,12 +357,9 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{line['kl']:.3f}")
         if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
             run.log(trainer.evaluate(step, tokenizer, eval_records, eval_ids))
-        if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or (
-                step == cfg.steps and cfg.checkpoint.at_end):
-            train_state.save(out / "checkpoints", step, trainer.handles(), state,
-                             {"step": step, "prompt_rng": train_state.b64(rng.get_state()), **trainer.trainer_state()},
-                             cfg.checkpoint.keep_last, cfg.tokenizer)
-        crash_point(f"after_step:{step}")
+        saver.step_end(step, trainer.handles(), lambda: {"step": step, "prompt_rng": train_state.b64(rng.get_state()),
+                                                        **trainer.trainer_state()})
+    saver.close()
     trainer.close()
     run.close()
     ckpt.save_native(trainer.actor.chunks, state, out / "actor", cfg.tokenizer)

@@ -21,12 +21,10 @@ from engine.build import build_handle, check_parallel, check_precision, with_val
 from engine.config import ParallelConfig, PrecisionSettings, parse_run_args, validate
 from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
-from engine.faults import crash_point
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
-from engine.train_state import CheckpointConfig, b64, resolve_resume, unb64
+from engine.train_state import CheckpointConfig, Saver, b64, resolve_resume, unb64
 from engine.train_state import load as load_state
-from engine.train_state import save as save_state
 from parallel import comm
 from parallel.config import PositiveInt
 from parallel.optimizer import OptimConfig
@@ -108,16 +106,6 @@ def resume_or_start(found: tuple, handle, state) -> tuple[int, dict | None]:
     say(f"resuming from {resume_from} ({why})")
     saved = load_state(resume_from, {"model": handle}, state, say)
     return (saved["step"], saved) if saved else (0, None)
-
-
-def maybe_save(cfg, step: int, handle, state, trainer: dict) -> None:
-    """The training state after `step`, when checkpoint.save_every or at_end asks for it (the end of
-    a step, where the fault tests kill a run)."""
-    c = cfg.checkpoint
-    if (c.save_every and step % c.save_every == 0) or (step == cfg.steps and c.at_end):
-        save_state(Path(cfg.out_dir) / "checkpoints", step, {"model": handle}, state, trainer, c.keep_last,
-                   cfg.tokenizer)
-    crash_point(f"after_step:{step}")
 
 
 def encode_preferences(records, tokenizer, max_len: int) -> tuple[list[tuple], int]:
@@ -211,6 +199,7 @@ def train_rm(cfg: RMConfig) -> list[dict]:
     start, saved = resume_or_start(found, handle, state)
     run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if saved else None)
     order = PairOrder(len(train_pairs), cfg.batch_pairs, cfg.seed, saved and saved["order"])
+    saver = Saver(cfg.checkpoint, Path(cfg.out_dir) / "checkpoints", cfg.steps, state, cfg.tokenizer)
     step_fn = bt_forward_step(cfg.batch_pairs)
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"rm[{cfg.precision}]", disable=not main_rank,
                dynamic_ncols=True, initial=start, total=cfg.steps)
@@ -229,7 +218,8 @@ def train_rm(cfg: RMConfig) -> list[dict]:
             line["eval_accuracy"] = pairwise_accuracy(handle, held_out, len(eval_pairs))
         run.step(line)
         bar.set_postfix(loss=f"{line['loss']:.3f}", acc=f"{line.get('eval_accuracy', line['accuracy']):.3f}")
-        maybe_save(cfg, step, handle, state, {"step": step, "order": order.position()})
+        saver.step_end(step, {"model": handle}, {"step": step, "order": order.position()})
+    saver.close()
     run.close()
     ckpt.save_native(handle.chunks, state, Path(cfg.out_dir) / "checkpoint", cfg.tokenizer)
     return run.history

@@ -21,7 +21,6 @@ from engine.build import build_handle, check_parallel, check_precision
 from engine.config import ModelConfig, ParallelConfig, PrecisionSettings, parse_run_args, validate
 from engine.data import IGNORE, StepBatches, attention_mask_from_doc_ids, pack_documents, read_jsonl, tokenize_documents
 from engine.errors import ConfigError
-from engine.faults import crash_point
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
 from engine.train_state import CheckpointConfig
@@ -145,12 +144,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     stream = StepBatches(data, cfg.micro_batch_size, cfg.grad_accum, position["seed"], state.dp_rank, state.dp,
                          position["epoch"], position["offset"])
     run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if resume_from is not None else None)
-    ckpts, every = Path(cfg.out_dir) / "checkpoints", cfg.checkpoint.save_every
-
-    def save_state(step: int) -> None:
-        train_state.save(ckpts, step, {"model": handle}, state,
-                         {"step": step, "data": stream.position(), "samples": stream.per_step * step},
-                         cfg.checkpoint.keep_last, cfg.data.tokenizer)
+    saver = train_state.Saver(cfg.checkpoint, Path(cfg.out_dir) / "checkpoints", cfg.steps, state, cfg.data.tokenizer)
 
     bar = tqdm(range(start, cfg.steps), desc=f"train[{cfg.precision}]", disable=not main_rank, dynamic_ncols=True,
                initial=start, total=cfg.steps)
@@ -163,9 +157,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         line.pop("skipped", None)
         run.step(line)
         bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}")
-        if (every and (step + 1) % every == 0) or (step + 1 == cfg.steps and cfg.checkpoint.at_end):
-            save_state(step + 1)
-        crash_point(f"after_step:{step + 1}")
+        saver.step_end(step + 1, {"model": handle}, lambda: {"step": step + 1, "data": stream.position(),
+                                                            "samples": stream.per_step * (step + 1)})
+    saver.close()
     run.close()
     if cfg.save:
         ckpt.save_native(handle.chunks, state, Path(cfg.out_dir) / "checkpoint", cfg.data.tokenizer)

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class CheckpointConfig:
     """Also save the training state after the last step (to extend the run later)."""
     keep_last: PositiveInt = 2
     """Keep this many training-state checkpoints; older ones are deleted after a save completes."""
+    async_save: bool = False
+    """Write checkpoint files in a background thread while training goes on (training is blocked
+    only while the state is copied to host memory); it is published at the next save or the end."""
 
 
 def step_name(step: int) -> str:
@@ -60,56 +64,135 @@ def step_name(step: int) -> str:
 
 # ---- saving -------------------------------------------------------------------------------------
 
+class PendingSave:
+    """A checkpoint being written: this rank's files (CPU copies, taken when the save started), then
+    `finalize()` (collective) publishes it. With async_save the files are written by a background
+    thread while training goes on, and the next save or the end of the run finalizes."""
+
+    def __init__(self, root: Path, step: int, state, files: list, texts: list, indexes: list, doc: dict,
+                 keep_last: int):
+        self.root, self.step, self.state, self.keep_last = root, step, state, keep_last
+        self.final, self.staging = root / step_name(step), root / f".{step_name(step)}.partial"
+        self.files, self.texts, self.indexes, self.doc = files, texts, indexes, doc
+        self.thread, self.error = None, None
+
+    def write(self) -> None:
+        """This rank's files into the staging directory (no collectives: safe in a thread)."""
+        try:
+            for i, (path, tensors, meta) in enumerate(self.files):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(path), metadata=meta)
+                if i == len(self.files) // 2:
+                    crash_point(f"save:mid_shard:{self.step}")
+            for path, text in self.texts:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+        except BaseException as e:  # re-raised by finalize on the training thread
+            self.error = e
+
+    def start(self) -> None:
+        import threading
+        self.thread = threading.Thread(target=self.write, name=f"save-{self.step}", daemon=True)
+        self.thread.start()
+
+    def finalize(self) -> Path:
+        """Wait for every rank's files, then rank 0 writes the indexes and trainer_state.json, renames
+        the staging directory into place, replaces `latest` and prunes (collective)."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise CheckpointError(f"writing checkpoint {self.final} failed: {self.error}") from self.error
+        comm.barrier()
+        if self.state.rank == 0:
+            for out, chunks_cfg, tp, stages, dtype, tokenizer in self.indexes:
+                ckpt.write_index(out, chunks_cfg, tp, stages, lambda _, d=dtype: d)
+                tok = Path(tokenizer) if tokenizer else None
+                if tok and tok.is_file():
+                    shutil.copyfile(tok, out / ("tokenizer.model" if tok.suffix == ".model" else "tokenizer.json"))
+            (self.staging / STATE_FILE).write_text(json.dumps(self.doc, indent=1))
+            crash_point(f"save:before_rename:{self.step}")
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            self.staging.rename(self.final)
+            crash_point(f"save:before_latest:{self.step}")
+            tmp = self.root / f".{LATEST}.tmp"
+            tmp.write_text(self.final.name)
+            os.replace(tmp, self.root / LATEST)
+            _prune(self.root, self.keep_last)
+        comm.barrier()
+        return self.final
+
+
 def save(root: str | os.PathLike, step: int, handles: dict, state, trainer: dict, keep_last: int,
-         tokenizer_path: str | None = None) -> Path:
+         tokenizer_path: str | None = None, async_save: bool = False) -> PendingSave:
     """Save every handle's full training state and the recipe's `trainer` dict (JSON) as checkpoint
-    `step` under root (collective: every rank calls it). Returns the published directory."""
+    `step` under root (collective: every rank calls it). The state is copied to host memory first;
+    synchronous saves are finalized before this returns, async ones by the caller (`finalize()`)."""
     root = Path(root)
-    final, staging = root / step_name(step), root / f".{step_name(step)}.partial"
+    staging = root / f".{step_name(step)}.partial"
     if state.rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        (staging / "rng").mkdir(parents=True)
+        staging.mkdir(parents=True)
     comm.barrier()
+    files, indexes = [], []
     for i, (name, h) in enumerate(handles.items()):
         h.params_ready()
-        if state.rank == 0:
-            (staging / name).mkdir()
-        comm.barrier()
-        ckpt.write_native(h.chunks, state, staging / name, tokenizer_path=tokenizer_path if i == 0 else None)
-        crash_point(f"save:mid_shard:{step}")  # weights written, optimizer state not yet
+        stages, cfg = ckpt.stage_ranges(h.chunks, state), h.chunks[0].cfg
+        files += [(p, t, None) for p, t in ckpt.native_files(h.chunks, state, staging / name)]
+        indexes.append((staging / name, cfg, state.tp, stages, str(h.dtype).removeprefix("torch."),
+                        tokenizer_path if i == 0 else None))
         if h.optimizer is not None:
             opt = h.optimizer_state()  # collective over DP under ZeRO-1
-            low_precision = h.dtype != torch.float32  # fp32 parameters are their own masters
-            for key in OPTIM_KEYS if low_precision else OPTIM_KEYS[:2]:
+            for key in OPTIM_KEYS if h.dtype != torch.float32 else OPTIM_KEYS[:2]:  # fp32: params are masters
                 sub = staging / f"{name}.optim" / key
-                if state.rank == 0:
-                    sub.mkdir(parents=True)
-                comm.barrier()
-                ckpt.write_native(h.chunks, state, sub, tensors=opt[key], dtype=torch.float32)
+                files += [(p, t, None) for p, t in ckpt.native_files(h.chunks, state, sub, opt[key])]
+                indexes.append((sub, cfg, state.tp, stages, "float32", None))
         if h.fp8 is not None and state.tp_rank == 0 and state.dp_rank == 0:
             fp8 = h.fp8.state_dict()
-            (staging / f"{name}.fp8").mkdir(exist_ok=True)
-            save_file({"scale": fp8["scale"].cpu(), "history": fp8["history"].cpu()},
-                      str(staging / f"{name}.fp8" / f"pp{state.pp_rank:02d}.safetensors"),
-                      metadata={"names": json.dumps(fp8["names"]), "started": str(fp8["started"])})
-    (staging / "rng" / f"rank-{state.rank:05d}.json").write_text(json.dumps(rng_state()))
-    comm.barrier()
-    if state.rank == 0:
-        models = {name: _model_state(h) for name, h in handles.items()}
-        doc = {"format": FORMAT, "version": VERSION, "step": step, "models": models, "trainer": trainer,
-               "layout": _layout(state, handles)}
-        (staging / STATE_FILE).write_text(json.dumps(doc, indent=1))
-        crash_point(f"save:before_rename:{step}")
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        crash_point(f"save:before_latest:{step}")
-        tmp = root / f".{LATEST}.tmp"
-        tmp.write_text(final.name)
-        os.replace(tmp, root / LATEST)
-        _prune(root, keep_last)
-    comm.barrier()
-    return final
+            files.append((staging / f"{name}.fp8" / f"pp{state.pp_rank:02d}.safetensors",
+                          {"scale": fp8["scale"].cpu(), "history": fp8["history"].cpu()},
+                          {"names": json.dumps(fp8["names"]), "started": str(fp8["started"])}))
+    texts = [(staging / "rng" / f"rank-{state.rank:05d}.json", json.dumps(rng_state()))]
+    doc = {"format": FORMAT, "version": VERSION, "step": step,
+           "models": {name: _model_state(h) for name, h in handles.items()}, "trainer": trainer,
+           "layout": _layout(state, handles)}
+    pending = PendingSave(root, step, state, files, texts, indexes, doc, keep_last)
+    if async_save:
+        pending.start()
+    else:
+        pending.write()
+        pending.finalize()
+    return pending
+
+
+class Saver:
+    """A recipe's checkpointing: when to save (checkpoint.save_every, at_end), at most one async save
+    in flight, finalized before the next and by `close()`. `blocked_s` lists how long each save held
+    training up (the host copy, plus the writing when synchronous)."""
+
+    def __init__(self, cfg: CheckpointConfig, root: str | os.PathLike, total_steps: int, state,
+                 tokenizer_path: str | None = None):
+        self.cfg, self.root, self.total, self.state, self.tokenizer = cfg, Path(root), total_steps, state, tokenizer_path
+        self.pending, self.blocked_s = None, []
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.save_every and step % self.cfg.save_every == 0) or (step == self.total and self.cfg.at_end)
+
+    def step_end(self, step: int, handles: dict, trainer) -> None:
+        """After optimizer step `step`: save if due (`trainer`: the recipe state, or a function
+        returning it); then the fault tests' kill point."""
+        if self.due(step):
+            self.close()
+            t0 = time.perf_counter()
+            self.pending = save(self.root, step, handles, self.state, trainer() if callable(trainer) else trainer,
+                                self.cfg.keep_last, self.tokenizer, self.cfg.async_save)
+            self.blocked_s.append(time.perf_counter() - t0)
+        crash_point(f"after_step:{step}")
+
+    def close(self) -> None:
+        if self.pending is not None and self.pending.thread is not None:
+            self.pending.finalize()
+        self.pending = None
 
 
 def _model_state(h) -> dict:

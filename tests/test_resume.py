@@ -67,13 +67,15 @@ def step_dir(run, step):
 @pytest.mark.slow
 def test_sigkill_resume_bit_exact_and_into_other_layouts(tmp_path):
     """TP2 x PP2 x DP2, ZeRO-1, fp32: killed after step 2, resumed from the run directory, it logs the
-    same losses and ends with the same weights and optimizer state as the uninterrupted run, bit for
+    same losses and ends with the same weights and optimizer state as the uninterrupted run (which
+    saved asynchronously, so its checkpoints also show the host snapshot is taken at the step), bit for
     bit. The step-2 checkpoint resumes at TP1 x PP1 x DP4 and TP4 x PP2 x DP1 (same global batch of 8
-    rows) and takes step 3 as the original layout does, to round-off."""
+    rows, same `steps`: the LR schedule's length) and takes step 3 as the original layout does, to
+    round-off."""
     layout = ["--parallel.tp=2", "--parallel.pp=2", "--parallel.sequence_parallel=true", "--grad_accum=2",
               "--optim.distributed=true", "--checkpoint.save_every=1", "--checkpoint.keep_last=4"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    trident(TINY + layout + ["--steps=4", f"--out_dir={full}"], world=8)
+    trident(TINY + layout + ["--steps=4", f"--out_dir={full}", "--checkpoint.async_save=true"], world=8)
     crashed = trident(TINY + layout + ["--steps=4", f"--out_dir={cut}"], world=8, crash="after_step:2", check=False)
     assert crashed.returncode != 0 and (cut / "checkpoints" / "latest").read_text() == "step-00000002"
     resumed = trident(TINY + layout + ["--steps=4", f"--out_dir={cut}"], world=8)
