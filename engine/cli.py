@@ -13,7 +13,7 @@ commands:
   rm         reward-model training (Bradley-Terry pairs)
   dpo        Direct Preference Optimization on the same pairs (frozen reference)
   ppo        PPO for RLHF (actor, critic, reference, reward; vLLM or native rollout)
-  bench      benchmarks: bench train | ppo | pipeline | precision | memory
+  bench      benchmarks: bench train | ppo | pipeline | precision | memory | checkpoint
 
 Run `trident <command> --help` for a command's options."""
 

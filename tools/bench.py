@@ -1,4 +1,5 @@
-"""`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline, precision, memory.
+"""`trident bench ...`: performance measurements. Subcommands: train, ppo, pipeline, precision, memory,
+checkpoint.
 
     python -m tools.bench train --size M --precision bf16,fp8 --compare hf [--compile]
     python -m tools.bench ppo --size L --precision bf16
@@ -136,6 +137,31 @@ def _memory_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _checkpoint_parser(sub) -> argparse.ArgumentParser:
+    from tools.bench_train import SIZES
+
+    p = sub.add_parser("checkpoint", help="training-state checkpoint save (sync / async) and load times, size",
+                       description="Save the full training state of a model after one step, synchronously and "
+                                   "asynchronously (time training is blocked vs time the write takes), load it "
+                                   "back, and report the size on disk.",
+                       epilog="example: trident bench checkpoint --size M --dp 2 --zero")
+    p.add_argument("--size", default="M", choices=sorted(SIZES), help="named model size (default M)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (default 1)")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="default bf16")
+    p.add_argument("--zero", action="store_true", help="ZeRO-1 (optim.distributed)")
+    p.add_argument("--out", default="runs/bench_checkpoint", help="scratch directory (removed afterwards)")
+    return p
+
+
+def checkpoint(args) -> int:
+    from tools.bench_checkpoint import report, run
+
+    if args.dp < 1:
+        raise ConfigError("--dp must be >= 1")
+    res = run(args.size, args.dp, args.precision, args.zero, args.out)
+    return _report(report(res), res)
+
+
 def memory(args) -> int:
     from tools.bench_memory import report, run
 
@@ -271,6 +297,7 @@ def main(argv: list[str]) -> int:
     _pipeline_parser(sub)
     _precision_parser(sub)
     _memory_parser(sub)
+    _checkpoint_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -283,6 +310,8 @@ def main(argv: list[str]) -> int:
             return precision(args)
         if args.command == "memory":
             return memory(args)
+        if args.command == "checkpoint":
+            return checkpoint(args)
     except TridentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
