@@ -97,10 +97,10 @@ def test_group_advantage_runs_without_critic_and_checks_its_config(actor, tmp_pa
     [],
     ["--algo.loss_agg=seq-mean-token-mean", "--algo.clip_eps_high=0.28", "--algo.kl_mode=loss",
      "--algo.kl_estimator=k3", "--algo.log_ratio_clamp=5", "--algo.kl_target=0.05",
-     "--algo.kl_controller_input=token-mean"],
+     "--algo.kl_controller_input=token-mean", "--distributed_optimizer=true"],
     ["--algo.advantage=reinforce_pp_baseline", "--rollout.samples_per_prompt=2", "--algo.loss_agg=seq-mean-token-sum",
      "--algo.clip_eps_low=0.1", "--algo.kl_estimator=k2"],
-], ids=["default", "seq-mean-token-mean+clip-higher+kl-loss", "reinforce_pp_baseline+seq-mean-token-sum"])
+], ids=["default", "seq-mean-token-mean+clip-higher+kl-loss+zero1", "reinforce_pp_baseline+seq-mean-token-sum"])
 def test_data_parallel_ppo_matches_one_rank(actor, tmp_path, options):
     """DP=2 (each rank its half of the rollout, statistics and losses over both, gradients summed by
     DDP) gives one rank's statistics step for step. The micro-batches split differently (one rank: 3 + 3

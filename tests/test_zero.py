@@ -1,7 +1,7 @@
 """ZeRO-1 (optim.distributed): the sharded optimizer equals plain DDP and one rank, at TP2 x PP2 x DP2
 with sequence parallelism (its replica gradients take the all-reduced buckets), with an overlapped
-parameter all-gather, under interleaved pipelining, and under bf16 and fp16 (an overflow step skipped
-on every rank although only one rank's shard holds the inf)."""
+parameter all-gather, under interleaved pipelining, and under bf16, fp8 and fp16 (an overflow step
+skipped on every rank although only one rank's shard holds the inf)."""
 import pytest
 import torch
 
@@ -14,7 +14,8 @@ FP32 = {"ddp": {"sp": True}, "zero": {"sp": True, "distributed": True},
         # a tied embedding split across the first and last stages, whose buffers have other layouts
         "tied_ddp": {"tie": True, "sp": True}, "tied_zero": {"tie": True, "sp": True, "distributed": True}}
 LOW = {"bf16_ddp": {"precision": "bf16"}, "bf16_zero": {"precision": "bf16", "distributed": True},
-       "fp16_ddp": {"precision": "fp16", "inf_step": 2}, "fp16_zero": {"precision": "fp16", "inf_step": 2, "distributed": True}}
+       "fp16_ddp": {"precision": "fp16", "inf_step": 2}, "fp16_zero": {"precision": "fp16", "inf_step": 2, "distributed": True},
+       "fp8_ddp": {"precision": "fp8"}, "fp8_zero": {"precision": "fp8", "distributed": True}}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -55,8 +56,9 @@ def test_zero1_bf16_and_fp16_overflow_within_precision(runs):
         assert r["fp16_zero"]["steps"] == 2  # the skipped step did not advance the LR schedule
         assert r["fp16_zero"]["losses"] == pytest.approx(r["fp16_ddp"]["losses"], rel=1e-3)
         assert r["bf16_zero"]["losses"] == pytest.approx(r["bf16_ddp"]["losses"], rel=1e-3)
+        assert r["fp8_zero"]["losses"] == pytest.approx(r["fp8_ddp"]["losses"], rel=1e-3)
         assert r["bf16_zero"]["losses"] == pytest.approx(one["bf16_ddp"]["losses"], rel=1e-2)
-    for name in ("bf16", "fp16"):
+    for name in ("bf16", "fp16", "fp8"):
         zero, ddp = canonical(f"{root}/eight/{name}_zero"), canonical(f"{root}/eight/{name}_ddp")
         assert _max_diff(zero, ddp) < 2e-3, name  # a few low-precision ulps after 3 Adam steps
 
