@@ -14,6 +14,7 @@ commands:
   dpo        Direct Preference Optimization on the same pairs (frozen reference)
   ppo        PPO for RLHF (actor, critic, reference, reward; vLLM or native rollout)
   bench      benchmarks: bench train | ppo | pipeline | precision | memory | checkpoint
+  plan       layout planner: predicted step time, TFLOP/s, memory per GPU for a cluster
 
 Run `trident <command> --help` for a command's options."""
 
@@ -47,7 +48,11 @@ def _commands():
         from tools.bench import main
         return main(argv)
 
-    return {"convert": convert, "check-hf": check_hf, "train": train, "ppo": ppo, "rm": rm, "dpo": dpo, "bench": bench}
+    def plan(argv):
+        from tools.plan import main
+        return main(argv)
+
+    return {"plan": plan, "convert": convert, "check-hf": check_hf, "train": train, "ppo": ppo, "rm": rm, "dpo": dpo, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

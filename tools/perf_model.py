@@ -1,0 +1,244 @@
+"""A performance and memory model of one training step of a Llama/GPT-style decoder under TP x PP x DP,
+for `trident plan`. Everything is closed-form, so it ranks thousands of layouts in well under a second.
+
+Compute: per layer and micro-batch, the forward GEMM FLOPs 2 s (matmul parameters) + 4 s^2 h (scores
+and context; Megatron's convention, no causal halving), the LM head 2 s h V; a step runs each layer
+3 times (forward, backward = 2) plus 1 with full recomputation, or plus the attention core with
+selective recomputation; the LM head 3 times. For GPT shapes (no GQA, 4h MLP) this is Megatron's
+96 B s l h^2 (1 + s/(6h) + V/(16 l h)) with full recomputation. GEMMs run at `gemm_eff` of the peak;
+memory-bound work (the unfused softmax / mask / dropout over the s x s scores, `score_bytes` per score
+element and pass, and `elem_bytes` per b s h element and pass) at HBM bandwidth. Those two constants
+are the calibration: fitted by `calibrate` (a grid search) on half of Table 1 of Narayanan et al. 2021
+("Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM") and checked on the
+other half (tests/test_plan.py).
+
+Communication (ring, bandwidth + latency): TP all-reduces (or SP all-gather + reduce-scatter, the
+same volume) 2 per layer per pass over NVLink, not overlapped; PP p2p of the activation per
+micro-batch; the DP gradient all-reduce (ZeRO-1: reduce-scatter + all-gather, the same volume), over
+the inter-node fabric once the job spans nodes, exposed except for the part `dp_overlap` hides. The
+1F1B bubble is (p - 1) / (v m). Memory follows Korthikanti et al. 2022 for activations, plus the
+weights, gradients and optimizer state of the largest stage (18 bytes per parameter, or 6 + 12/dp
+with ZeRO-1, for 16-bit parameters).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16_tflops: float
+    fp8_tflops: float
+    hbm_gib: float
+    hbm_tbps: float
+    nvlink_gbps: float
+    """Per-GPU NVLink bus bandwidth a ring all-reduce sees (GB/s, one direction)."""
+    net_gbps: float
+    """Per-GPU inter-node bandwidth (GB/s, one direction)."""
+    per_node: int = 8
+
+
+GPUS = {g.name: g for g in [
+    GPU("a100-40gb", 312, 0, 40, 1.555, 240, 25),
+    GPU("a100-80gb", 312, 0, 80, 2.039, 240, 25),
+    GPU("h100-sxm", 989, 1979, 80, 3.35, 360, 50),
+    GPU("h200", 989, 1979, 141, 4.8, 360, 50),
+]}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    seq: int
+    swiglu: bool = True
+    tied: bool = False
+    """Input embedding and LM head share one matrix (GPT)."""
+
+    @property
+    def layer_matmul_params(self) -> int:
+        hd = self.hidden // self.heads
+        attn = self.hidden * hd * (self.heads + 2 * self.kv_heads) + self.hidden * self.hidden
+        return attn + (3 if self.swiglu else 2) * self.hidden * self.ffn
+
+    @property
+    def params(self) -> int:
+        return self.layers * (self.layer_matmul_params + 2 * self.hidden) + (1 if self.tied else 2) * self.vocab * self.hidden
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    vp: int = 1
+    recompute: str = "none"
+    """none | selective | full"""
+    zero: int = 0
+    sp: bool = False
+
+
+@dataclass(frozen=True)
+class Calibration:
+    gemm_eff: float = 0.61
+    """Share of the peak the GEMMs reach (fitted on Table 1's even rows)."""
+    score_bytes: float = 9.5
+    """HBM bytes per attention-score element and pass (unfused softmax / mask / dropout; 0 for flash)."""
+    elem_bytes: float = 0.0
+    """HBM bytes per b s h element and pass for the other elementwise work."""
+    latency_s: float = 5e-6
+    """Per-collective latency."""
+    grad_comm_bytes: float = 2.0
+    """Bytes per gradient element the DP reduction sends (2: Megatron 2021's fp16; 4: fp32)."""
+    dp_overlap: float = 0.0
+    """Share of the DP reduction hidden behind the backward pass (trident's buckets overlap it)."""
+    p2p_scatter: bool = True
+    """PP sends 1/tp of the activation per TP rank (Megatron's scatter / gather optimisation)."""
+
+
+MEGATRON_2021 = Calibration()
+
+
+def step_flops(shape: Shape, batch: int, recompute: str) -> tuple[float, float]:
+    """(hardware FLOPs incl. recomputation, model FLOPs) of one step over `batch` sequences."""
+    s, h = shape.seq, shape.hidden
+    layer_fwd = 2 * s * shape.layer_matmul_params + 4 * s * s * h
+    attn_core = 4 * s * s * h
+    head_fwd = 2 * s * h * shape.vocab
+    extra = {"none": 0.0, "selective": attn_core, "full": layer_fwd}[recompute]
+    model = batch * (3 * shape.layers * layer_fwd + 3 * head_fwd)
+    return model + batch * shape.layers * extra, model
+
+
+def memory_bytes(shape: Shape, lay: Layout, param_bytes: int = 2) -> dict:
+    """Per-GPU bytes of the most loaded pipeline stage (the first: its embedding, and 1F1B keeps p
+    micro-batches of activations in flight there)."""
+    t, p, d, b = lay.tp, lay.pp, lay.dp, lay.micro_batch
+    s, h, a = shape.seq, shape.hidden, shape.heads
+    layers = math.ceil(shape.layers / p)
+    params = layers * (shape.layer_matmul_params / t + 2 * h) + shape.vocab * h / t + (shape.vocab * h / t if p == 1 else 0)
+    weights, grads = params * param_bytes, params * 4
+    optim = params * 12 / (d if lay.zero else 1)
+    sbh = s * b * h
+    if lay.recompute == "full":
+        per_layer = 2 * sbh / (t if lay.sp else 1)
+    elif lay.recompute == "selective":
+        per_layer = 34 * sbh / t if lay.sp else sbh * (10 + 24 / t)
+    else:
+        per_layer = sbh * (34 + 5 * a * s / h) / t if lay.sp else sbh * (10 + 24 / t + 5 * a * s / (h * t))
+    in_flight = p * (1 + (p - 1) / (p * lay.vp)) if p > 1 else 1
+    acts = per_layer * layers * in_flight + 4 * s * b * shape.vocab / t  # + fp32 logits of the loss
+    return {"weights": weights, "grads": grads, "optimizer": optim, "activations": acts,
+            "total": weights + grads + optim + acts}
+
+
+def _ring(bytes_: float, n: int, gbps: float, lat: float) -> float:
+    return 0.0 if n == 1 else 2 * (n - 1) / n * bytes_ / (gbps * 1e9) + lat
+
+
+def predict(shape: Shape, lay: Layout, batch: int, gpu: GPU, precision: str = "bf16",
+            cal: Calibration = MEGATRON_2021) -> dict:
+    t, p, d, b, v = lay.tp, lay.pp, lay.dp, lay.micro_batch, lay.vp
+    n = t * p * d
+    m = batch // (d * b)
+    peak = (gpu.fp8_tflops if precision == "fp8" and gpu.fp8_tflops else gpu.bf16_tflops) * 1e12
+    hw, model = step_flops(shape, batch, lay.recompute)
+    s, h = shape.seq, shape.hidden
+    passes = {"none": 3, "selective": 3, "full": 4}[lay.recompute]
+    score_passes = passes + (1 if lay.recompute == "selective" else 0)
+    mem_s = (cal.score_bytes * b * (shape.heads / t) * s * s * score_passes
+             + cal.elem_bytes * b * s * h * passes) / (gpu.hbm_tbps * 1e12)
+    per_mb_layer = hw / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
+    msg = b * s * h * 2
+    # 2 all-reduces per layer in each forward (the recomputed one too) and in the backward
+    tp_s = 2 * (passes - 1) * _ring(msg, t, gpu.nvlink_gbps, cal.latency_s) if t > 1 else 0.0
+    per_mb_stage = (per_mb_layer + tp_s) * shape.layers / p
+    pipe_s = per_mb_stage * m * (1 + (p - 1) / (v * m))
+    net = gpu.net_gbps if n > gpu.per_node else gpu.nvlink_gbps
+    p2p_s = 0.0 if p == 1 else 2 * m * (msg / (t if cal.p2p_scatter else 1)) / (net * 1e9)
+    stage_params = shape.params / (t * p)
+    dp_s = _ring(stage_params * cal.grad_comm_bytes, d, net, cal.latency_s) * (1 - cal.dp_overlap)
+    step = pipe_s + p2p_s + dp_s
+    mem = memory_bytes(shape, lay)
+    return {"step_s": step, "tflops_per_gpu": hw / n / step / 1e12, "mfu": model / n / step / peak,
+            "tokens_per_s": batch * s / step, "bubble": (p - 1) / (v * m), "memory_gib_per_gpu":
+            {k: round(x / 2**30, 2) for k, x in mem.items()},
+            "fits": mem["total"] <= 0.95 * gpu.hbm_gib * 2**30,
+            "time_s": {"compute_and_tp": round(pipe_s, 4), "tp_comm": round(tp_s * shape.layers / p * m, 4),
+                       "pp_p2p": round(p2p_s, 4), "dp_comm": round(dp_s, 4)},
+            "layout": asdict(lay)}
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_layout(shape: Shape, lay: Layout, batch: int, gpus: int, gpu: GPU) -> None:
+    """One-line errors for a layout that cannot run."""
+    if shape.heads % lay.tp or shape.kv_heads % lay.tp and lay.tp % shape.kv_heads:
+        raise ConfigError(f"tp {lay.tp} does not divide the {shape.heads} heads / {shape.kv_heads} KV heads")
+    if gpu.per_node % lay.tp:
+        raise ConfigError(f"tp {lay.tp} does not divide a node ({gpu.per_node} GPUs per {gpu.name} node)")
+    if shape.layers % (lay.pp * lay.vp):
+        raise ConfigError(f"pp {lay.pp} x vp {lay.vp} does not divide the {shape.layers} layers")
+    if gpus % (lay.tp * lay.pp) or lay.tp * lay.pp * lay.dp != gpus:
+        raise ConfigError(f"tp {lay.tp} x pp {lay.pp} does not divide --gpus {gpus}")
+    if batch % (lay.dp * lay.micro_batch):
+        raise ConfigError(f"global batch {batch} does not divide by dp {lay.dp} x micro-batch {lay.micro_batch}")
+    if lay.vp > 1 and (batch // (lay.dp * lay.micro_batch)) % lay.pp:
+        raise ConfigError("interleaving needs micro-batches per pipeline divisible by pp")
+
+
+def search(shape: Shape, batch: int, gpus: int, gpu: GPU, precision: str = "bf16",
+           cal: Calibration = MEGATRON_2021, fixed: dict | None = None) -> list[dict]:
+    """Every valid layout (TP within a node) that fits, fastest first; `fixed` pins fields of Layout."""
+    fixed = fixed or {}
+    out, smallest = [], None
+    for tp in [k for k in _divisors(gpus) if gpu.per_node % k == 0]:
+        for pp in _divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            for mb in [k for k in _divisors(batch // dp) if k <= 64] if batch % dp == 0 else []:
+                for vp in [k for k in _divisors(shape.layers // pp) if k <= 8] if shape.layers % pp == 0 else []:
+                    for rc in ("none", "selective", "full"):
+                        for zero in (0, 1):
+                            lay = Layout(tp, pp, dp, mb, vp, rc, zero, sp=tp > 1)
+                            lay = replace(lay, **fixed)
+                            try:
+                                check_layout(shape, lay, batch, gpus, gpu)
+                            except ConfigError:
+                                continue
+                            res = predict(shape, lay, batch, gpu, precision, cal)
+                            total = res["memory_gib_per_gpu"]["total"]
+                            smallest = total if smallest is None else min(smallest, total)
+                            if res["fits"]:
+                                out.append(res)
+    if not out:
+        if smallest is None:
+            raise ConfigError(f"no layout of {gpus} GPUs divides this model and batch (heads, layers, batch)")
+        raise ConfigError(f"the model fits no layout on {gpus} x {gpu.name}: the smallest needs {smallest:.1f} GiB "
+                          f"per GPU, {smallest - 0.95 * gpu.hbm_gib:.1f} GiB over {0.95 * gpu.hbm_gib:.1f}")
+    unique = {tuple(sorted(r["layout"].items())): r for r in out}
+    return sorted(unique.values(), key=lambda r: (round(r["step_s"], 6), r["memory_gib_per_gpu"]["total"]))
+
+
+def calibrate(rows: list[dict], gpu: GPU) -> tuple[Calibration, float]:
+    """Fit gemm_eff and score_bytes to published runs (dicts with shape, layout, batch, tflops) by
+    minimising the worst relative error of the predicted TFLOP/s per GPU; returns (fit, that error)."""
+    best = None
+    for eff in [x / 100 for x in range(40, 96)]:
+        for score in [x / 2 for x in range(0, 33)]:
+            cal = replace(MEGATRON_2021, gemm_eff=eff, score_bytes=score)
+            err = max(abs(predict(r["shape"], r["layout"], r["batch"], gpu, "bf16", cal)["tflops_per_gpu"]
+                          / r["tflops"] - 1) for r in rows)
+            if best is None or err < best[1]:
+                best = (cal, err)
+    return best
