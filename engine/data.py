@@ -206,3 +206,19 @@ def attention_mask_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     not_pad = (doc_ids >= 0)[:, None, :]
     eye = torch.eye(S, dtype=torch.bool, device=doc_ids.device)
     return ((causal & same & not_pad) | eye)[:, None]
+
+
+def load_prompts(path: str, tokenizer, max_prompt_len: int) -> tuple[list[dict], list[list[int]], int]:
+    """(records, token ids, number skipped for not fitting the context with the response)."""
+    records = read_jsonl(path, ("prompt",))
+    keep, ids, skipped = [], [], 0
+    for r in records:
+        t = tokenizer.encode(r["prompt"], add_bos=True)
+        if len(t) <= 1 or len(t) > max_prompt_len:
+            skipped += 1
+            continue
+        keep.append(r)
+        ids.append(t)
+    if not keep:
+        raise DataError(f"no prompt in {path} fits the context ({max_prompt_len} prompt tokens at most)")
+    return keep, ids, skipped

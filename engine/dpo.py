@@ -24,14 +24,14 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.build import build_handle, check_parallel, check_precision
-from engine.config import ParallelConfig, PrecisionSettings, parse_run_args, validate
+from engine.config import parse_run_args, validate
 from engine.data import read_jsonl
 from engine.errors import ConfigError
 from engine.experience import action_log_probs_and_entropy, build_experience
-from engine.rm import PAIR_FIELDS, PairOrder, encode_preferences, resume_or_start
+from engine.rm import PAIR_FIELDS, PairOrder, PairSettings, encode_preferences, resume_or_start
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
-from engine.train_state import CheckpointConfig, Saver, resolve_resume
+from engine.train_state import Saver, resolve_resume
 from parallel import comm
 from parallel.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
 from parallel.optimizer import OptimConfig
@@ -39,19 +39,13 @@ from parallel.state import init_parallel
 
 
 @dataclass
-class DPOConfig(PrecisionSettings):
+class DPOConfig(PairSettings):
     init: str = "runs/demo_sft/checkpoint"
     """The policy to train: native checkpoint or HF directory."""
     ref: str | None = None
     """The frozen reference policy (None: `init` itself, as in TRL and OpenRLHF)."""
-    tokenizer: str = "data/tokenizer.model"
-    """A sentencepiece .model, an HF tokenizer.json, or a directory holding one."""
-    train: str = "data/prefs_train.jsonl"
-    """Preference pairs: JSONL with prompt, chosen, rejected (the reward model's format)."""
     eval: str | None = "data/prefs_eval.jsonl"
     """Held-out pairs for preference accuracy and reward margin (None: no evaluation)."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """TP / PP / DP layout (pairs are split over DP ranks)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10,
                                                                       weight_decay=0.0))
     """AdamW and its schedule."""
@@ -66,14 +60,6 @@ class DPOConfig(PrecisionSettings):
     nll_coef: NonNegFloat = 0.0
     """Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024; TRL
     rpo_alpha, OpenRLHF nll_loss_coef): keeps the chosen answers likely while their margin grows."""
-    steps: PositiveInt = 200
-    """Optimizer steps."""
-    batch_pairs: PositiveInt = 32
-    """Preference pairs per optimizer step, over all DP ranks."""
-    micro_batch_pairs: PositiveInt | None = None
-    """Pairs per forward/backward on one rank (None: the rank's whole share of the step)."""
-    max_len: PositiveInt = 64
-    """Longest prompt + response; longer pairs are skipped (and counted)."""
     eval_every: PositiveInt = 50
     """Evaluate every N steps (and before the first and after the last)."""
     seed: int = 0
@@ -82,10 +68,6 @@ class DPOConfig(PrecisionSettings):
     """Run directory: config.yaml, metrics.jsonl, checkpoint/ (native), hf/."""
     export_hf: bool = True
     """Write the trained policy as an HF directory (out_dir/hf) besides the native checkpoint."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Training-state checkpoints (out_dir/checkpoints/step-N)."""
-    resume: str | None = None
-    """Resume from a training-state checkpoint, a checkpoints directory or a run directory (see train)."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.model import Transformer
-from engine.ppo import load_prompts
+from engine.data import load_prompts
 from engine.reward import rule_scores
 from engine.sampler import SamplingParams, generate
 from engine.tokenizer import load_tokenizer

@@ -19,8 +19,8 @@ from engine import checkpoint as ckpt
 from engine import rl_math, train_state
 from engine.build import build_handle, check_parallel, check_precision, with_value_head
 from engine.config import parse_run_args
-from engine.data import read_jsonl
-from engine.errors import ConfigError, DataError
+from engine.data import load_prompts
+from engine.errors import ConfigError
 from engine.experience import (actor_forward_step, build_experience, critic_forward_step, gather_out,
                                last_value_step, logprob_step, pad_rows, ptx_batches, ptx_forward_step, value_step)
 from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig, check_config  # noqa: F401 (public names)
@@ -41,22 +41,6 @@ def _ids(mb):
 
 def constant_lr(lr: float, clip: float, distributed: bool = False) -> OptimConfig:
     return OptimConfig(lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0, clip_grad=clip, distributed=distributed)
-
-
-def load_prompts(path: str, tokenizer, max_prompt_len: int) -> tuple[list[dict], list[list[int]], int]:
-    """(records, token ids, number skipped for not fitting the context with the response)."""
-    records = read_jsonl(path, ("prompt",))
-    keep, ids, skipped = [], [], 0
-    for r in records:
-        t = tokenizer.encode(r["prompt"], add_bos=True)
-        if len(t) <= 1 or len(t) > max_prompt_len:
-            skipped += 1
-            continue
-        keep.append(r)
-        ids.append(t)
-    if not keep:
-        raise DataError(f"no prompt in {path} fits the context ({max_prompt_len} prompt tokens at most)")
-    return keep, ids, skipped
 
 
 class PPOTrainer:

@@ -34,20 +34,14 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
-class RMConfig(PrecisionSettings):
-    init: str = "runs/demo_sft/checkpoint"
-    """Checkpoint to start from (a policy: its LM head is replaced by a small random scalar head)."""
+class PairSettings(PrecisionSettings):
+    """What the preference recipes (rm, dpo) share: the pairs, the layout, the step loop, checkpoints."""
     tokenizer: str = "data/tokenizer.model"
     """A sentencepiece .model, an HF tokenizer.json, or a directory holding one."""
     train: str = "data/prefs_train.jsonl"
     """Preference pairs: JSONL with prompt, chosen, rejected."""
-    eval: str | None = "data/prefs_eval.jsonl"
-    """Held-out pairs for the pairwise accuracy (None: no evaluation)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """TP / PP / DP layout (pairs are split over DP ranks)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=5e-5, warmup_steps=10,
-                                                                      weight_decay=0.0))
-    """AdamW and its schedule."""
     steps: PositiveInt = 200
     """Optimizer steps."""
     batch_pairs: PositiveInt = 32
@@ -56,16 +50,27 @@ class RMConfig(PrecisionSettings):
     """Pairs per forward/backward on one rank (None: the rank's whole share of the step)."""
     max_len: PositiveInt = 64
     """Longest prompt + response; longer pairs are skipped (and counted)."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training-state checkpoints (out_dir/checkpoints/step-N)."""
+    resume: str | None = None
+    """Resume from a training-state checkpoint, a checkpoints directory or a run directory (see train)."""
+
+
+@dataclass
+class RMConfig(PairSettings):
+    init: str = "runs/demo_sft/checkpoint"
+    """Checkpoint to start from (a policy: its LM head is replaced by a small random scalar head)."""
+    eval: str | None = "data/prefs_eval.jsonl"
+    """Held-out pairs for the pairwise accuracy (None: no evaluation)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=5e-5, warmup_steps=10,
+                                                                      weight_decay=0.0))
+    """AdamW and its schedule."""
     eval_every: PositiveInt = 50
     """Evaluate every N steps (and after the last)."""
     seed: int = 0
     """Seeds the head's init and the pair order."""
     out_dir: str = "runs/rm"
     """Run directory: config.yaml, metrics.jsonl, checkpoint/."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Training-state checkpoints (out_dir/checkpoints/step-N)."""
-    resume: str | None = None
-    """Resume from a training-state checkpoint, a checkpoints directory or a run directory (see train)."""
 
 
 class PairOrder:

@@ -74,12 +74,12 @@ def test_every_config_field_has_a_docstring():
     from engine.dpo import DPOConfig
     from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig
     from engine.reward import RewardConfig
-    from engine.rm import RMConfig
+    from engine.rm import PairSettings, RMConfig
     from engine.train import DataConfig, TrainConfig
     from engine.train_state import CheckpointConfig
     classes = [ModelConfig, ParallelConfig, PrecisionSettings, OptimConfig, LossScaleConfig, FP8Config, DataConfig,
                TrainConfig, RMConfig, DPOConfig, PPOConfig, AlgoConfig, RolloutConfig, EvalConfig, RewardConfig,
-               CheckpointConfig]
+               CheckpointConfig, PairSettings]
     for cls in classes:
         own = {f.name for f in dataclasses.fields(cls)} - {f.name for base in cls.__mro__[1:]
                                                            if dataclasses.is_dataclass(base)
