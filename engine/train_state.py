@@ -261,6 +261,9 @@ def load(path: Path, handles: dict, state, log=print) -> dict | None:
     """Load a checkpoint into the handles (any layout); returns the recipe's trainer dict, or None
     for a weights-only checkpoint (weights loaded, optimizer state fresh: the caller starts at step 0)."""
     if not (path / STATE_FILE).is_file():
+        if len(handles) > 1:
+            raise CheckpointError(f"{path} holds weights only, not the training state of {' and '.join(handles)}; "
+                                  f"start a new run from it instead (e.g. --actor {path})")
         _check_config(path, next(iter(handles.values())))
         for h in handles.values():
             for c in h.chunks:
