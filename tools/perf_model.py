@@ -162,7 +162,7 @@ def predict(shape: Shape, lay: Layout, batch: int, gpu: GPU, precision: str = "b
     # 2 all-reduces per layer in each forward (the recomputed one too) and in the backward
     tp_s = 2 * (passes - 1) * _ring(msg, t, gpu.nvlink_gbps, cal.latency_s) if t > 1 else 0.0
     per_mb_stage = (per_mb_layer + tp_s) * shape.layers / p
-    pipe_s = per_mb_stage * m * (1 + (p - 1) / (v * m))
+    pipe_s = pipeline_s(per_mb_stage, m, p, v)
     net = gpu.net_gbps if n > gpu.per_node else gpu.nvlink_gbps
     p2p_s = 0.0 if p == 1 else 2 * m * (msg / (t if cal.p2p_scatter else 1)) / (net * 1e9)
     stage_params = shape.params / (t * p)
@@ -176,6 +176,11 @@ def predict(shape: Shape, lay: Layout, batch: int, gpu: GPU, precision: str = "b
             "time_s": {"compute_and_tp": round(pipe_s, 4), "tp_comm": round(tp_s * shape.layers / p * m, 4),
                        "pp_p2p": round(p2p_s, 4), "dp_comm": round(dp_s, 4)},
             "layout": asdict(lay)}
+
+
+def pipeline_s(per_mb_stage_s: float, m: int, p: int, v: int = 1) -> float:
+    """Busy time m t plus the 1F1B bubble (p - 1) t / v (interleaved over v chunks per rank)."""
+    return per_mb_stage_s * m * (1 + (p - 1) / (v * m))
 
 
 def _divisors(n: int) -> list[int]:

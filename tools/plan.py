@@ -51,8 +51,10 @@ def parse(argv):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--gelu", action="store_true", help="a 2-matrix GELU MLP (GPT) instead of SwiGLU")
     p.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
-    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
-    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (required unless --calibrate)")
+    p.add_argument("--gpus", type=int, help="GPUs in the job (required unless --calibrate)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine and check the model against bench train (S, M) and bench pipeline")
     p.add_argument("--gpu", default="h100-sxm", help=f"one of {', '.join(GPUS)} (default h100-sxm)")
     for name, what in (("peak-tflops", "dense bf16 peak"), ("hbm-gib", "HBM per GPU"), ("nvlink-gbps", "NVLink GB/s"),
                        ("net-gbps", "inter-node GB/s per GPU")):
@@ -85,7 +87,15 @@ def _fmt(lay: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    if args.calibrate:
+        from tools.plan_calibrate import report, run
+        res = run()
+        print("\n".join(report(res)))
+        print(json.dumps(res))
+        return 0
     try:
+        if args.gpus is None or args.global_batch is None:
+            raise ConfigError("give --gpus and --global-batch (or --calibrate)")
         if args.gpu not in GPUS:
             raise ConfigError(f"unknown --gpu {args.gpu!r}: one of {', '.join(GPUS)}")
         for name in ("gpus", "global_batch", "seq", "top", "tp", "pp", "vp", "micro_batch", "hidden", "layers",

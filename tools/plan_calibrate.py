@@ -1,0 +1,92 @@
+"""`trident plan --calibrate`: the planner's model against this machine. It measures the matmul peak
+(inside `bench train`), host memory bandwidth and the gloo all-reduce bandwidth, fits the one
+compute constant (the GEMM share of the measured peak) on `bench train --size S`, and then predicts
+`bench train --size M` and the 1F1B and interleaved steps of `bench pipeline`, each measured in the
+same run. Prints predicted against measured; the last line is one JSON object."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from tools.perf_model import GPU, MEGATRON_2021, Layout, Shape, pipeline_s, predict
+
+
+def memcpy_gbps(mb: int = 256, reps: int = 5) -> float:
+    a = torch.empty(mb * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = min(_timed(lambda: b.copy_(a)) for _ in range(reps))
+    return 2 * a.numel() * 4 / best / 1e9  # read + write
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _allreduce_rank(rank: int, world: int, mb: int) -> float:
+    import torch.distributed as dist
+    x = torch.ones(mb * 2**20 // 4)
+    dist.all_reduce(x)
+    best = min(_timed(lambda: dist.all_reduce(x)) for _ in range(3))
+    return 2 * (world - 1) / world * x.numel() * 4 / best / 1e9  # ring bus bandwidth
+
+
+def gloo_gbps(mb: int = 64) -> float:
+    from parallel.launch import run_ranks
+    return min(run_ranks(2, _allreduce_rank, mb))
+
+
+def _shape(size) -> Shape:
+    return Shape(size.hidden, size.layers, size.heads, size.kv_heads or size.heads, size.ffn, size.vocab, size.seq)
+
+
+def run(steps: int = 4, threads: int = 2) -> dict:
+    from tools import bench_pipeline, bench_train
+
+    mem, net = memcpy_gbps(), gloo_gbps()
+    train = {}
+    for name in ("S", "M"):
+        size = bench_train.SIZES[name]
+        r = bench_train.run(size, ["fp32"], steps=steps, warmup=1, threads=threads, size_name=name, log=lambda *a: None)
+        cpu = GPU("this-machine", r["peak_tflops"], 0, 24, mem / 1000, net, net, per_node=1)
+        train[name] = {"measured_s": r["step_s"], "peak_tflops": r["peak_tflops"], "shape": _shape(size),
+                       "batch": size.batch, "cpu": cpu}
+    # one constant from S: the share of the measured peak the engine's GEMM mix reaches (the blocked
+    # CPU attention never writes the score matrix to memory: score_bytes 0)
+    s = train["S"]
+    base = replace(MEGATRON_2021, gemm_eff=1.0, score_bytes=0.0, grad_comm_bytes=4.0)
+    lay = Layout(1, 1, 1, s["batch"], recompute="none")
+    ideal = predict(s["shape"], lay, s["batch"], s["cpu"], "fp32", base)["step_s"]
+    cal = replace(base, gemm_eff=ideal / s["measured_s"])
+    rows = []
+    for name, t in train.items():
+        pred = predict(t["shape"], Layout(1, 1, 1, t["batch"], recompute="none"), t["batch"], t["cpu"], "fp32", cal)
+        rows.append({"what": f"bench train --size {name} (fp32)", "predicted_s": pred["step_s"],
+                     "measured_s": t["measured_s"], "fitted": name == "S"})
+    pipe = bench_pipeline.run()
+    t_mb = (pipe["fwd_ms"] + pipe["bwd_ms"]) / 1000
+    for sched, v in (("1f1b", 1), ("interleaved", pipe["v"])):
+        # v chunks per rank: each chunk's micro-batch costs t / v
+        rows.append({"what": f"bench pipeline {sched} (p={pipe['p']}, m={pipe['m']})",
+                     "predicted_s": pipeline_s(t_mb, pipe["m"], pipe["p"], v), "measured_s": pipe["step_s"][sched],
+                     "fitted": False})
+    for r in rows:
+        r["error"] = r["predicted_s"] / r["measured_s"] - 1
+    return {"memcpy_gbps": mem, "gloo_allreduce_gbps": net, "peak_tflops": {k: t["peak_tflops"] for k, t in train.items()},
+            "gemm_eff_fitted_on_S": cal.gemm_eff, "rows": rows,
+            "max_error_not_fitted": max(abs(r["error"]) for r in rows if not r["fitted"])}
+
+
+def report(res: dict) -> list[str]:
+    lines = [f"this machine: matmul peak {res['peak_tflops']['S']:.3f} TFLOP/s (fp32), memcpy {res['memcpy_gbps']:.1f} "
+             f"GB/s, gloo all-reduce {res['gloo_allreduce_gbps']:.2f} GB/s; GEMM share fitted on S: "
+             f"{res['gemm_eff_fitted_on_S']:.3f}",
+             f"{'':48}{'predicted':>11}{'measured':>10}{'error':>8}"]
+    for r in res["rows"]:
+        lines.append(f"{r['what'] + (' [fitted]' if r['fitted'] else ''):<48}{r['predicted_s']:>10.3f}s"
+                     f"{r['measured_s']:>9.3f}s{r['error']:>+8.1%}")
+    return lines
