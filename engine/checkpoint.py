@@ -29,7 +29,7 @@ INDEX = "trident_index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -272,11 +272,16 @@ def write_native(chunks: list, state, out: Path, tensors: dict | None = None, dt
     stages = stage_ranges(chunks, state)
     comm.barrier()
     if state.rank == 0:
-        name = _dtype_name(dtype or chunks[0].dtype)
+        name = dtype_name(dtype or chunks[0].dtype)
         write_index(out, chunks[0].cfg, state.tp, stages, lambda _: name)
-        tok = Path(tokenizer_path) if tokenizer_path else None
-        if tok and tok.is_file():
-            shutil.copyfile(tok, out / ("tokenizer.model" if tok.suffix == ".model" else "tokenizer.json"))
+        copy_tokenizer(tokenizer_path, out)
+
+
+def copy_tokenizer(tokenizer_path: str | None, out: Path) -> None:
+    """The run's tokenizer file (sentencepiece .model or tokenizer.json) beside a checkpoint."""
+    tok = Path(tokenizer_path) if tokenizer_path else None
+    if tok and tok.is_file():
+        shutil.copyfile(tok, out / ("tokenizer.model" if tok.suffix == ".model" else "tokenizer.json"))
 
 
 def save_native(chunks: list, state, out: Path, tokenizer_path: str | None = None) -> None:

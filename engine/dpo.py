@@ -28,10 +28,10 @@ from engine.config import parse_run_args, validate
 from engine.data import read_jsonl
 from engine.errors import ConfigError
 from engine.experience import action_log_probs_and_entropy, build_experience
-from engine.rm import PAIR_FIELDS, PairOrder, PairSettings, encode_preferences, resume_or_start
+from engine.rm import PAIR_FIELDS, PairOrder, PairSettings, encode_preferences
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
-from engine.train_state import Saver, resolve_resume
+from engine.train_state import Saver, resolve_resume, resume
 from parallel import comm
 from parallel.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
 from parallel.optimizer import OptimConfig
@@ -204,7 +204,7 @@ def train_dpo(cfg: DPOConfig) -> list[dict]:
     ref_s = time.perf_counter() - t0
     handle = build_handle(source, state, cfg.parallel, cfg, cfg.optim, cfg.steps, ids=ids)
     main_rank = state.rank == 0
-    start, saved = resume_or_start(found, handle, state)
+    start, saved = resume(found, {"model": handle}, state)
     run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if saved else None)
     if eval_pairs and start == 0:
         run.log({"step": 0, **evaluate(handle, cfg, eval_pairs, ref_eval, state, tokenizer.pad_id),

@@ -308,7 +308,7 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         if other is not None:
             check_precision(cfg, other.config, cfg.parallel.tp)
     ptx = ptx_batches(cfg.algo.ptx_data, tokenizer, cfg.seed) if cfg.algo.ptx_coef else None
-    resume_from, why = train_state.resolve_resume(cfg.resume, cfg.out_dir)
+    found = train_state.resolve_resume(cfg.resume, cfg.out_dir)
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     if cfg.rollout.prompts_per_step % state.dp:
         raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must divide by the "
@@ -318,8 +318,11 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
     rng = torch.Generator().manual_seed(cfg.seed)
-    start = resume(cfg, trainer, state, resume_from, why, rng)
-    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if resume_from is not None else None)
+    start, saved = train_state.resume(found, trainer.handles(), state)
+    if saved:
+        trainer.load_trainer_state(saved)
+        rng.set_state(train_state.unb64(saved["prompt_rng"]))
+    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if found[0] is not None else None)
     if eval_ids and start == 0:
         run.log(trainer.evaluate(0, tokenizer, eval_records, eval_ids))
     saver = train_state.Saver(cfg.checkpoint, out / "checkpoints", cfg.steps, state, cfg.tokenizer)
@@ -354,20 +357,6 @@ def ppo(cfg: PPOConfig) -> list[dict]:
         from engine.run_log import plot_metrics
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return run.history
-
-
-def resume(cfg: PPOConfig, trainer: PPOTrainer, state, resume_from, why: str, prompt_rng) -> int:
-    """Load a checkpoint into the trainer (if any); returns the step to continue after."""
-    if resume_from is None:
-        return 0
-    say = tqdm.write if state.rank == 0 else (lambda msg: None)
-    say(f"resuming from {resume_from} ({why})")
-    saved = train_state.load(resume_from, trainer.handles(), state, say)
-    if saved is None:
-        return 0
-    trainer.load_trainer_state(saved)
-    prompt_rng.set_state(train_state.unb64(saved["prompt_rng"]))
-    return saved["step"]
 
 
 def main(argv: list[str]) -> int:

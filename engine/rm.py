@@ -23,8 +23,7 @@ from engine.data import read_jsonl
 from engine.errors import ConfigError, DataError
 from engine.run_log import RunLog
 from engine.tokenizer import check_vocab, load_tokenizer
-from engine.train_state import CheckpointConfig, Saver, b64, resolve_resume, unb64
-from engine.train_state import load as load_state
+from engine.train_state import CheckpointConfig, Saver, b64, resolve_resume, resume, unb64
 from parallel import comm
 from parallel.config import PositiveInt
 from parallel.optimizer import OptimConfig
@@ -100,17 +99,6 @@ class PairOrder:
 
     def position(self) -> dict:
         return {"rng": b64(self._rng_before), "pos": self.pos}
-
-
-def resume_or_start(found: tuple, handle, state) -> tuple[int, dict | None]:
-    """(steps already done, the saved recipe state) from what train_state.resolve_resume found."""
-    resume_from, why = found
-    if resume_from is None:
-        return 0, None
-    say = tqdm.write if state.rank == 0 else (lambda msg: None)
-    say(f"resuming from {resume_from} ({why})")
-    saved = load_state(resume_from, {"model": handle}, state, say)
-    return (saved["step"], saved) if saved else (0, None)
 
 
 def encode_preferences(records, tokenizer, max_len: int) -> tuple[list[tuple], int]:
@@ -201,7 +189,7 @@ def train_rm(cfg: RMConfig) -> list[dict]:
     handle = build_handle(source, state, cfg.parallel, cfg, cfg.optim, cfg.steps, ids=lambda mb: mb["input_ids"])
     held_out = eval_batches(eval_pairs, state, tokenizer.pad_id)
     main_rank = state.rank == 0
-    start, saved = resume_or_start(found, handle, state)
+    start, saved = resume(found, {"model": handle}, state)
     run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if saved else None)
     order = PairOrder(len(train_pairs), cfg.batch_pairs, cfg.seed, saved and saved["order"])
     saver = Saver(cfg.checkpoint, Path(cfg.out_dir) / "checkpoints", cfg.steps, state, cfg.tokenizer)

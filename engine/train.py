@@ -129,21 +129,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     check_vocab(tokenizer, model_cfg.vocab_size)
     docs = tokenize_documents(read_jsonl(cfg.data.path), tokenizer, cfg.data.mode, cfg.data.seq_len)
     data = pack_documents(docs, cfg.data.seq_len, tokenizer.pad_id)
-    resume_from, why = train_state.resolve_resume(cfg.resume, cfg.out_dir)
+    found = train_state.resolve_resume(cfg.resume, cfg.out_dir)
     state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
     handle = build_handle(source, state, cfg.parallel, cfg, cfg.optim, cfg.steps, ids=lambda mb: mb["input_ids"],
                           seed=cfg.seed)
     main_rank = state.rank == 0
-    say = (lambda msg: tqdm.write(msg)) if main_rank else (lambda msg: None)
-    start, position = 0, {"epoch": 0, "offset": 0, "seed": cfg.seed}
-    if resume_from is not None:
-        say(f"resuming from {resume_from} ({why})")
-        trainer = train_state.load(resume_from, {"model": handle}, state, say)
-        if trainer is not None:
-            start, position = trainer["step"], trainer["data"]
+    start, saved = train_state.resume(found, {"model": handle}, state)
+    position = saved["data"] if saved else {"epoch": 0, "offset": 0, "seed": cfg.seed}
     stream = StepBatches(data, cfg.micro_batch_size, cfg.grad_accum, position["seed"], state.dp_rank, state.dp,
                          position["epoch"], position["offset"])
-    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if resume_from is not None else None)
+    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if found[0] is not None else None)
     saver = train_state.Saver(cfg.checkpoint, Path(cfg.out_dir) / "checkpoints", cfg.steps, state, cfg.data.tokenizer)
 
     bar = tqdm(range(start, cfg.steps), desc=f"train[{cfg.precision}]", disable=not main_rank, dynamic_ncols=True,

@@ -25,13 +25,13 @@ import json
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.errors import CheckpointError
@@ -72,7 +72,8 @@ class PendingSave:
     def __init__(self, root: Path, step: int, state, files: list, texts: list, indexes: list, doc: dict,
                  keep_last: int):
         self.root, self.step, self.state, self.keep_last = root, step, state, keep_last
-        self.final, self.staging = root / step_name(step), root / f".{step_name(step)}.partial"
+        self.final = root / step_name(step)
+        self.staging = ckpt.staging_dir(self.final)
         self.files, self.texts, self.indexes, self.doc = files, texts, indexes, doc
         self.thread, self.error = None, None
 
@@ -106,14 +107,10 @@ class PendingSave:
         if self.state.rank == 0:
             for out, chunks_cfg, tp, stages, dtype, tokenizer in self.indexes:
                 ckpt.write_index(out, chunks_cfg, tp, stages, lambda _, d=dtype: d)
-                tok = Path(tokenizer) if tokenizer else None
-                if tok and tok.is_file():
-                    shutil.copyfile(tok, out / ("tokenizer.model" if tok.suffix == ".model" else "tokenizer.json"))
+                ckpt.copy_tokenizer(tokenizer, out)
             (self.staging / STATE_FILE).write_text(json.dumps(self.doc, indent=1))
             crash_point(f"save:before_rename:{self.step}")
-            if self.final.exists():
-                shutil.rmtree(self.final)
-            self.staging.rename(self.final)
+            ckpt.publish(self.staging, self.final)
             crash_point(f"save:before_latest:{self.step}")
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(self.final.name)
@@ -129,7 +126,7 @@ def save(root: str | os.PathLike, step: int, handles: dict, state, trainer: dict
     `step` under root (collective: every rank calls it). The state is copied to host memory first;
     synchronous saves are finalized before this returns, async ones by the caller (`finalize()`)."""
     root = Path(root)
-    staging = root / f".{step_name(step)}.partial"
+    staging = ckpt.staging_dir(root / step_name(step))
     if state.rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -139,7 +136,7 @@ def save(root: str | os.PathLike, step: int, handles: dict, state, trainer: dict
         h.params_ready()
         stages, cfg = ckpt.stage_ranges(h.chunks, state), h.chunks[0].cfg
         files += [(p, t, None) for p, t in ckpt.native_files(h.chunks, state, staging / name)]
-        indexes.append((staging / name, cfg, state.tp, stages, str(h.dtype).removeprefix("torch."),
+        indexes.append((staging / name, cfg, state.tp, stages, ckpt.dtype_name(h.dtype),
                         tokenizer_path if i == 0 else None))
         if h.optimizer is not None:
             opt = h.optimizer_state()  # collective over DP under ZeRO-1
@@ -167,13 +164,12 @@ def save(root: str | os.PathLike, step: int, handles: dict, state, trainer: dict
 
 class Saver:
     """A recipe's checkpointing: when to save (checkpoint.save_every, at_end), at most one async save
-    in flight, finalized before the next and by `close()`. `blocked_s` lists how long each save held
-    training up (the host copy, plus the writing when synchronous)."""
+    in flight, finalized before the next and by `close()`."""
 
     def __init__(self, cfg: CheckpointConfig, root: str | os.PathLike, total_steps: int, state,
                  tokenizer_path: str | None = None):
         self.cfg, self.root, self.total, self.state, self.tokenizer = cfg, Path(root), total_steps, state, tokenizer_path
-        self.pending, self.blocked_s = None, []
+        self.pending = None
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.save_every and step % self.cfg.save_every == 0) or (step == self.total and self.cfg.at_end)
@@ -183,10 +179,8 @@ class Saver:
         returning it); then the fault tests' kill point."""
         if self.due(step):
             self.close()
-            t0 = time.perf_counter()
             self.pending = save(self.root, step, handles, self.state, trainer() if callable(trainer) else trainer,
                                 self.cfg.keep_last, self.tokenizer, self.cfg.async_save)
-            self.blocked_s.append(time.perf_counter() - t0)
         crash_point(f"after_step:{step}")
 
     def close(self) -> None:
@@ -196,7 +190,7 @@ class Saver:
 
 
 def _model_state(h) -> dict:
-    out = {"steps": h.steps, "skipped_steps": h.skipped_steps, "dtype": str(h.dtype).removeprefix("torch."),
+    out = {"steps": h.steps, "skipped_steps": h.skipped_steps, "dtype": ckpt.dtype_name(h.dtype),
            "distributed_optimizer": bool(h.optim_cfg and h.optim_cfg.distributed)}
     if h.optimizer is not None:
         out["optimizer_step"] = float(h.optimizer.step_t.item())
@@ -248,6 +242,18 @@ def resolve_resume(resume: str | None, out_dir: str) -> tuple[Path | None, str]:
         return found, f"--resume {resume}"
     found = find(Path(out_dir) / "checkpoints") if (Path(out_dir) / "checkpoints").is_dir() else None
     return found, f"found in the run directory {out_dir}"
+
+
+def resume(found: tuple, handles: dict, state) -> tuple[int, dict | None]:
+    """Load what `resolve_resume` found into the handles: (steps already done, the recipe's saved
+    state), or (0, None) for a fresh start or a weights-only checkpoint. Rank 0 logs which."""
+    path, why = found
+    if path is None:
+        return 0, None
+    say = tqdm.write if state.rank == 0 else (lambda msg: None)
+    say(f"resuming from {path} ({why})")
+    saved = load(path, handles, state, say)
+    return (saved["step"], saved) if saved else (0, None)
 
 
 def read_state(path: Path) -> dict:

@@ -37,7 +37,7 @@ def hf_to_native(hf_dir: str, out: str, tp: int = 1, pp: int = 1, force: bool = 
                     if shape != s.shape:
                         raise CheckpointError(f"tensor {s.name} has shape {list(shape)}, expected {list(s.shape)}")
                     tensors[s.name] = source.read(s.name, s.dim, s.start, s.length).contiguous()
-                    dtypes[s.name] = ckpt._dtype_name(tensors[s.name].dtype)
+                    dtypes[s.name] = ckpt.dtype_name(tensors[s.name].dtype)
                 save_file(tensors, str(staging / ckpt.shard_file(tp_rank, pp_rank)))
                 del tensors
         ckpt.copy_tokenizer_files(Path(hf_dir), staging)
