@@ -25,26 +25,6 @@ def finalize_tp_grads(params) -> None:
             comm.all_reduce(g[rep.row_start:], rep.group)
 
 
-def local_grad_sq_sum(params) -> torch.Tensor:
-    """Sum of squared gradient entries this rank is responsible for (replicas counted once), float64."""
-    grads = []
-    device = None
-    for p in params:
-        g = grad_of(p)
-        if g is None:
-            continue
-        device = g.device
-        rep = getattr(p, "replica", None)
-        if rep is not None and not rep.is_owner:
-            g = g[:rep.row_start]
-        if g.numel():
-            grads.append(g)
-    if not grads:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    norms = torch._foreach_norm(grads, 2)
-    return torch.stack(norms).double().square().sum()
-
-
 def grad_sq_sum(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum of squares of the given gradient tensors (views), float64 on `device`."""
     grads = [g for g in grads if g.numel()]
@@ -66,17 +46,8 @@ def owned_grad_views(pieces) -> list[torch.Tensor]:
     return out
 
 
-def global_grad_norm(params, groups) -> torch.Tensor:
-    """L2 norm of the full model's gradient (device tensor); `groups` are those the model is split over."""
-    sq = local_grad_sq_sum(params)
-    for g in groups:
-        comm.all_reduce(sq, g)
-    return sq.sqrt()
-
-
-def scale_grads(params, factor: torch.Tensor) -> None:
-    """Multiply every gradient by a device scalar (unscaling and clipping in one pass)."""
-    grads = [g for g in (grad_of(p) for p in params) if g is not None]
+def scale_grads(grads: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply gradient tensors by a device scalar (unscaling and clipping in one pass)."""
     if grads:
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
 
@@ -88,12 +59,3 @@ def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
         return one
     factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     return torch.where(torch.isfinite(norm), factor, one)
-
-
-def clip_grads(params, max_norm: float, groups) -> torch.Tensor:
-    """Scale gradients so the global norm is at most max_norm; returns the norm before clipping."""
-    params = [p for p in params if grad_of(p) is not None]
-    norm = global_grad_norm(params, groups)
-    if max_norm > 0:
-        scale_grads(params, clip_factor(norm, max_norm))
-    return norm

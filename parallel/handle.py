@@ -26,7 +26,7 @@ from parallel import comm
 from parallel.ddp import DistributedDataParallel
 from parallel.errors import ConfigError
 from parallel.fp8 import FP8Group, check_gemm_shape
-from parallel.grads import clip_factor, finalize_tp_grads, grad_sq_sum, owned_grad_views
+from parallel.grads import clip_factor, finalize_tp_grads, grad_sq_sum, owned_grad_views, scale_grads
 from parallel.optimizer import MasterWeightAdamW, OptimConfig, lr_at, param_groups
 from parallel.pipeline import PipelineJob, build_order, forward_backward_no_pipelining, run_pipeline, stats_to_host
 from parallel.precision import PrecisionPolicy
@@ -134,20 +134,20 @@ class ModelHandle:
         pieces = self.ddp.owned_pieces()
         self._norm_grads = owned_grad_views(pieces)
         if optim.distributed:
-            groups = [{"params": [], "grads": [], "weight_decay": wd} for wd in (optim.weight_decay, 0.0)]
+            groups = [{"params": [], "grads": [], "index": [], "weight_decay": wd} for wd in (optim.weight_decay, 0.0)]
             for p, lo, hi in pieces:
                 g = groups[0 if p.ndim >= 2 else 1]
                 g["params"].append(p.data.view(-1)[lo:hi])
                 g["grads"].append(p.main_grad.view(-1)[lo:hi])
-            order = [pc for g in (0, 1) for pc in pieces if (pc[0].ndim >= 2) == (g == 0)]
-            self._opt_index = [(names[id(p)], lo, hi) for p, lo, hi in order]
+                g["index"].append((names[id(p)], lo, hi))
             if optim.overlap_param_gather:
                 self.ddp.overlap_param_gather([m for c in self.chunks for m in c.modules()])
         else:
-            groups = param_groups(self.named, optim.weight_decay)
+            groups = [{**g, "index": [(names[id(p)], 0, p.numel()) for p in g["params"]]}
+                      for g in param_groups(self.named, optim.weight_decay)]
+        # (name, lo, hi) of each tensor the optimizer steps, in its order
+        self._opt_index = [x for g in groups for x in g["index"]]
         self.optimizer = MasterWeightAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
-        if not optim.distributed:
-            self._opt_index = [(names[id(p)], 0, p.numel()) for p in self.optimizer.model_params]
 
     def params_ready(self) -> None:
         """Finish an overlapped ZeRO-1 parameter all-gather (before reading weights outside a forward)."""
@@ -178,8 +178,7 @@ class ModelHandle:
             self.skipped_steps += 1
         else:
             if scale != 1.0 or cfg.clip_grad > 0:
-                grads = self.optimizer._grads()
-                torch._foreach_mul_(grads, (clip_factor(norm, cfg.clip_grad) / scale).float())
+                scale_grads(self.optimizer._grads(), clip_factor(norm, cfg.clip_grad) / scale)
             self.optimizer.set_lr(lr)
             self.optimizer.step()
             self.ddp.gather_params(overlap=cfg.overlap_param_gather)
