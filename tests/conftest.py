@@ -21,3 +21,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def actor(tmp_path_factory):
+    """A tiny random Llama as an HF directory: the policy of the PPO tests."""
+    from tests.hf_models import save_hf_model
+    d = tmp_path_factory.mktemp("actor")
+    save_hf_model("llama", d, vocab_size=384, max_position_embeddings=64)
+    return str(d)

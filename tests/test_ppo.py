@@ -8,17 +8,9 @@ from engine.config import load_config
 from engine.ppo import PPOConfig, ppo
 from tests import train_workers
 from tests.distributed import run_ranks
-from tests.hf_models import save_hf_model
 
 STEP_KEYS = {"step", "reward_mean", "kl", "policy_loss", "value_loss", "entropy", "clip_frac",
              "gen_tokens_per_s", "sync_s", "gen_s", "train_s", "score_s", "skipped_samples"}
-
-
-@pytest.fixture(scope="module")
-def actor(tmp_path_factory):
-    d = tmp_path_factory.mktemp("actor")
-    save_hf_model("llama", d, vocab_size=384, max_position_embeddings=64)
-    return str(d)
 
 
 def _args(actor, out, *extra):

@@ -146,14 +146,6 @@ def test_weights_only_checkpoint_starts_fresh_optimizer_state(tmp_path):
     assert losses(tmp_path / "w")[1] < losses(run)[1]  # the trained weights were loaded
 
 
-@pytest.fixture(scope="module")
-def actor(tmp_path_factory):
-    from tests.hf_models import save_hf_model
-    d = tmp_path_factory.mktemp("actor")
-    save_hf_model("llama", d, vocab_size=384, max_position_embeddings=64)
-    return str(d)
-
-
 def ppo_args(actor, out, *extra):
     return [f"--actor={actor}", "--rollout.backend=native", "--steps=4", "--rollout.prompts_per_step=8",
             "--rollout.samples_per_prompt=2",
