@@ -95,7 +95,9 @@ def lm_forward_step(model, mb: dict):
     """(output, loss_fn) for the language-model loss. The summed token losses are divided by the whole
     step's token count over every DP rank (mb["num_tokens"]): accumulated over micro-batches and
     summed over ranks that is the exact per-token mean of the step."""
-    logits = model(mb["input_ids"], mb["position_ids"], attention_mask_from_doc_ids(mb["doc_ids"]))
+    # packed rows carry doc_ids (no attention across documents); rows without them are plainly causal
+    mask = attention_mask_from_doc_ids(mb["doc_ids"]) if "doc_ids" in mb else None
+    logits = model(mb["input_ids"], mb["position_ids"], mask)
 
     def loss_fn(logits):
         labels = mb["labels"]

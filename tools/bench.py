@@ -130,10 +130,13 @@ def _memory_parser(sub) -> argparse.ArgumentParser:
         description="Build the training handle at DP 1, 2 and 4 (plain DDP and optim.distributed), take one step, "
                     "and report the bytes its parameters, fp32 gradient buffer and optimizer state hold per rank, "
                     "next to Megatron's formula (bf16: 18 bytes/param, 6 + 12/dp with ZeRO-1).",
-        epilog="example: trident bench memory --size S --dp 1,2,4")
+        epilog="examples: trident bench memory --size S --dp 1,2,4;  trident bench memory --peak")
     p.add_argument("--size", default="S", choices=sorted(SIZES), help="named model size (default S)")
     p.add_argument("--dp", default="1,2,4", help="data-parallel sizes, comma-separated (default 1,2,4)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"], help="parameter precision (default bf16)")
+    p.add_argument("--peak", action="store_true",
+                   help="instead: peak bytes per rank of a training step at TP2, TP2+SP, PP2, DP2 and DP2+ZeRO-1, "
+                        "recomputation off and on, against `trident plan`'s memory model")
     return p
 
 
@@ -163,7 +166,11 @@ def checkpoint(args) -> int:
 
 
 def memory(args) -> int:
-    from tools.bench_memory import report, run
+    from tools.bench_memory import report, report_peak, run, run_peak
+
+    if args.peak:
+        res = run_peak(precision=args.precision)
+        return _report(report_peak(res), res)
 
     try:
         dps = [int(x) for x in args.dp.split(",") if x.strip()]

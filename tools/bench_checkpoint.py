@@ -16,23 +16,13 @@ def _dir_bytes(path: Path) -> int:
 
 def measure_rank(rank: int, world: int, size_name: str, precision: str, distributed: bool, out: str) -> dict:
     from engine import train_state
-    from engine.build import build_handle
-    from engine.checkpoint import RandomSource
-    from engine.config import ParallelConfig, PrecisionSettings
-    from engine.train import train_step
     from parallel import comm
-    from parallel.optimizer import OptimConfig
-    from parallel.state import build_state
+    from tools.bench_memory import trained_handle
     from tools.bench_train import SIZES
 
-    cfg = SIZES[size_name].model_config()
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-    state = build_state(rank, 1, 1, world, device)
-    handle = build_handle(RandomSource(cfg, 0), state, ParallelConfig(), PrecisionSettings(precision=precision),
-                          OptimConfig(distributed=distributed), 10, ids=lambda mb: mb["input_ids"])
-    ids = torch.randint(3, cfg.vocab_size, (1, 65), generator=torch.Generator().manual_seed(rank))
-    train_step(handle, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(64)[None],
-                         "doc_ids": torch.zeros(1, 64, dtype=torch.long)}])
+    handle, _, _ = trained_handle(rank, world, SIZES[size_name].model_config(), precision=precision,
+                                  distributed=distributed)
+    state = handle.state
     root, models, res = Path(out), {"model": handle}, {"params": sum(p.numel() for p in handle.params)}
     for mode in ("sync", "async"):
         comm.barrier()

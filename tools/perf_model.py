@@ -16,9 +16,10 @@ Communication (ring, bandwidth + latency): TP all-reduces (or SP all-gather + re
 same volume) 2 per layer per pass over NVLink, not overlapped; PP p2p of the activation per
 micro-batch; the DP gradient all-reduce (ZeRO-1: reduce-scatter + all-gather, the same volume), over
 the inter-node fabric once the job spans nodes, exposed except for the part `dp_overlap` hides. The
-1F1B bubble is (p - 1) / (v m). Memory follows Korthikanti et al. 2022 for activations, plus the
-weights, gradients and optimizer state of the largest stage (18 bytes per parameter, or 6 + 12/dp
-with ZeRO-1, for 16-bit parameters).
+1F1B bubble is (p - 1) / (v m). Memory is the weights, gradients and optimizer state of the most
+loaded stage (18 bytes per parameter, or 6 + 12/dp with ZeRO-1, for 16-bit parameters) plus its
+activations: Korthikanti et al. 2022 for Megatron's kernels, or trident's own kernels' saved tensors
+(`trident_layer`), checked against peak memory measured on CPU runs (`trident bench memory --peak`).
 """
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ class Calibration:
     """Share of the DP reduction hidden behind the backward pass (trident's buckets overlap it)."""
     p2p_scatter: bool = True
     """PP sends 1/tp of the activation per TP rank (Megatron's scatter / gather optimisation)."""
+    activations: str = "megatron"
+    """Which kernels' saved tensors the activation memory counts: megatron | trident (memory_bytes)."""
 
 
 MEGATRON_2021 = Calibration()
@@ -119,26 +122,79 @@ def step_flops(shape: Shape, batch: int, recompute: str) -> tuple[float, float]:
     return model + batch * shape.layers * extra, model
 
 
-def memory_bytes(shape: Shape, lay: Layout, param_bytes: int = 2) -> dict:
-    """Per-GPU bytes of the most loaded pipeline stage (the first: its embedding, and 1F1B keeps p
-    micro-batches of activations in flight there)."""
-    t, p, d, b = lay.tp, lay.pp, lay.dp, lay.micro_batch
-    s, h, a = shape.seq, shape.hidden, shape.heads
-    layers = math.ceil(shape.layers / p)
-    params = layers * (shape.layer_matmul_params / t + 2 * h) + shape.vocab * h / t + (shape.vocab * h / t if p == 1 else 0)
-    weights, grads = params * param_bytes, params * 4
-    optim = params * 12 / (d if lay.zero else 1)
-    sbh = s * b * h
+BYTES_PER_PARAM = {"fp32": (4, 4, 8), "bf16": (2, 4, 12), "fp16": (2, 4, 12), "fp8": (2, 4, 12)}
+"""(weights, gradients, optimizer) bytes per parameter: 16-bit (or fp8-cast bf16) weights with fp32
+gradients, fp32 master weights and two fp32 Adam moments; fp32 weights are their own masters."""
+
+
+def _megatron_layer(shape: Shape, lay: Layout) -> float:
+    """Korthikanti et al. 2022, 16-bit activations with dropout and the unfused s x s softmax."""
+    t, sbh, a, s, h = lay.tp, shape.seq * lay.micro_batch * shape.hidden, shape.heads, shape.seq, shape.hidden
     if lay.recompute == "full":
-        per_layer = 2 * sbh / (t if lay.sp else 1)
-    elif lay.recompute == "selective":
-        per_layer = 34 * sbh / t if lay.sp else sbh * (10 + 24 / t)
+        return 2 * sbh / (t if lay.sp else 1)
+    if lay.recompute == "selective":
+        return 34 * sbh / t if lay.sp else sbh * (10 + 24 / t)
+    return sbh * (34 + 5 * a * s / h) / t if lay.sp else sbh * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+def trident_layer(shape: Shape, lay: Layout, e: int = 2) -> float:
+    """What one of trident's decoder layers keeps for backward (engine/model.py with kernels/), in
+    bytes, counted from the kernels' saved tensors: each RMSNorm its input and fp32 1/rms; the QKV and
+    gate-up GEMMs their input (all-gathered under SP: trident saves the gathered copy, Megatron saves
+    the shard and gathers again); rotated q and k and, alive through v, the QKV output (with GQA the
+    repeated k and v instead); the attention output (= o_proj input) and fp32 log-sum-exp (a fused /
+    flash kernel: no s x s scores); the gate-up output, silu(gate) and the down GEMM's input."""
+    t, S, h, f = lay.tp, shape.seq * lay.micro_batch, shape.hidden, shape.ffn
+    kvd = shape.kv_heads * (h // shape.heads)
+    split = t if lay.sp else 1
+    norms = 2 * S * (e * h + 4) / split
+    gemm_inputs = 2 * e * S * h
+    qkv = 3 * h if shape.kv_heads < shape.heads else (h + 2 * kvd) + (h + kvd)
+    attn = e * S * (qkv + h) / t + 4 * S * shape.heads / t
+    mlp = 4 * e * S * f / t
+    return norms + gemm_inputs + attn + mlp
+
+
+def _stage_bytes(shape: Shape, lay: Layout, first: bool, last: bool, precision: str, impl: str,
+                 micro_batches: int | None) -> dict:
+    t, p, b = lay.tp, lay.pp, lay.micro_batch
+    s, h, V = shape.seq, shape.hidden, shape.vocab
+    layers = math.ceil(shape.layers / p)
+    params = layers * (shape.layer_matmul_params / t + 2 * h) + (first + last) * V * h / t + last * h
+    w, g, o = BYTES_PER_PARAM[precision]
+    weights, grads, optim = params * w, params * g, params * o / (lay.dp if lay.zero else 1)
+    # micro-batches whose activations the stage holds at once: 1F1B keeps p in flight on the first
+    # stage (one on the last); interleaving over v chunks adds (p - 1) / (p v) (Korthikanti et al.)
+    depth = min(p, micro_batches or p) if first else 1
+    in_flight = depth if lay.vp == 1 or p == 1 else depth * (1 + (p - 1) / (p * lay.vp))
+    if impl == "megatron":
+        acts = _megatron_layer(shape, lay) * layers * in_flight + last * 4 * s * b * V / t  # + fp32 logits
     else:
-        per_layer = sbh * (34 + 5 * a * s / h) / t if lay.sp else sbh * (10 + 24 / t + 5 * a * s / (h * t))
-    in_flight = p * (1 + (p - 1) / (p * lay.vp)) if p > 1 else 1
-    acts = per_layer * layers * in_flight + 4 * s * b * shape.vocab / t  # + fp32 logits of the loss
+        e, S, split = (4 if precision == "fp32" else 2), s * b, t if lay.sp else 1
+        layer = trident_layer(shape, lay, e)
+        kept = e * S * h / split if lay.recompute == "full" else layer  # checkpointing keeps the input
+        rope = 2 * e * S * (h // shape.heads)
+        acts = (kept * layers + rope) * in_flight
+        if lay.recompute == "full":
+            acts += layer  # the layer recomputed in backward
+        # backward working set of one layer: the MLP's input gradients and one weight gradient
+        work = e * S * (3 * shape.ffn / t + 2 * h) + e * 2 * h * shape.ffn / t
+        if last:  # final norm and head inputs, logits (kept by the loss), their gradient, the head's dW
+            acts += S * (2 * e * h + 4) + 2 * e * S * V / t
+            work = max(work, e * V * h / t)
+        acts += work
     return {"weights": weights, "grads": grads, "optimizer": optim, "activations": acts,
             "total": weights + grads + optim + acts}
+
+
+def memory_bytes(shape: Shape, lay: Layout, precision: str = "bf16", impl: str = "megatron",
+                 micro_batches: int | None = None) -> dict:
+    """Per-GPU bytes of the most loaded pipeline stage (weights, gradients, optimizer state and
+    activations; the first stage holds the most micro-batches in flight, the last the logits).
+    impl: "megatron" (Korthikanti's count for Megatron-LM 2021 kernels) or "trident" (trident_layer).
+    micro_batches: per pipeline and step (fewer than pp keep fewer in flight); None: at least pp."""
+    stages = [(True, True)] if lay.pp == 1 else [(True, False), (False, True)]
+    return max((_stage_bytes(shape, lay, f, l, precision, impl, micro_batches) for f, l in stages), key=lambda m: m["total"])
 
 
 def _ring(bytes_: float, n: int, gbps: float, lat: float) -> float:
@@ -168,7 +224,7 @@ def predict(shape: Shape, lay: Layout, batch: int, gpu: GPU, precision: str = "b
     stage_params = shape.params / (t * p)
     dp_s = _ring(stage_params * cal.grad_comm_bytes, d, net, cal.latency_s) * (1 - cal.dp_overlap)
     step = pipe_s + p2p_s + dp_s
-    mem = memory_bytes(shape, lay)
+    mem = memory_bytes(shape, lay, precision, cal.activations, m)
     return {"step_s": step, "tflops_per_gpu": hw / n / step / 1e12, "mfu": model / n / step / peak,
             "tokens_per_s": batch * s / step, "bubble": (p - 1) / (v * m), "memory_gib_per_gpu":
             {k: round(x / 2**30, 2) for k, x in mem.items()},
