@@ -1,5 +1,5 @@
 """Precision policies: the fp16 dynamic loss scaler (Megatron's semantics, overflow skipped by every
-rank of a TP2 x PP2 x DP2 grid), FP8 linear layers on torch._scaled_mm (SQNR against bf16, TP2 with
+rank of a TP2 x PP2 x DP2 grid), FP8 linear layers (the CPU GEMM against torch._scaled_mm; SQNR against bf16, TP2 with
 sequence parallelism equal to TP1 through the amax reduction), delayed scaling, and bad input."""
 import math
 
@@ -94,6 +94,24 @@ def test_fp8_layers_reach_20_db_against_bf16_and_tp2_equals_tp1(recipe):
             assert sqnr_db(tp1[key], rank[key]) >= fp8_vs_bf16 + 10, (key, sqnr_db(tp1[key], rank[key]), fp8_vs_bf16)
     torch.testing.assert_close(tp2[0]["scales"], tp1["scales"])  # one scale per tensor on every rank
     torch.testing.assert_close(tp2[1]["scales"], tp1["scales"])
+
+
+@pytest.mark.parametrize("fmt_a", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_fp8_gemm_equals_torch_scaled_mm(fmt_a, out_dtype):
+    """trident's CPU FP8 GEMM (a bf16 GEMM of the operands' exact bf16 images) against torch's own
+    _scaled_mm, for fprop (e4m3 x e4m3) and the gradient GEMMs (e5m2 x e4m3), power-of-two scales:
+    equal to within one bf16 rounding of the result (the accumulation order may differ)."""
+    from parallel.fp8 import E4M3, E5M2, scaled_mm
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(32, 64, generator=g) * 8).to(E4M3 if fmt_a == "e4m3" else E5M2)
+    b = (torch.randn(48, 64, generator=g) * 8).to(E4M3).t()  # column-major, as the layers pass it
+    sa, sb = torch.tensor(2.0 ** -3), torch.tensor(2.0 ** 5)
+    ours = scaled_mm(a, b, sa, sb, out_dtype).float()
+    ref = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype).float()
+    exact = (a.double() @ b.double()) * (sa.double() * sb.double())
+    assert (ref - exact).abs().max() <= exact.abs().max() * 2 ** -8  # _scaled_mm is what we think it is
+    torch.testing.assert_close(ours, ref, rtol=2 ** -7, atol=exact.abs().max().item() * 2 ** -9)
 
 
 def test_delayed_scaling_uses_the_amax_history():
