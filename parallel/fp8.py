@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import matmul
 from parallel import comm
 from parallel.errors import ConfigError
 
@@ -53,13 +54,14 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
 
     On CPU, torch hands _scaled_mm to oneDNN, whose FP8 matmul on AVX512-FP16 CPUs is a reference
     kernel about 10^4 times slower than a bf16 GEMM (5.4 s against 0.4 ms for 256 x 512 x 1376,
-    measured 2026-12-03), and which other CPUs lack altogether. Every e4m3 / e5m2 value is exactly a
-    bf16 value and the scales are powers of two, so a bf16 GEMM (fp32 accumulation) of the operands'
-    bf16 images computes the same products and sums; only the accumulation order may differ
-    (tests/test_precision.py checks it against torch._scaled_mm)."""
+    measured 2026-12-03). Every e4m3 / e5m2 value is exactly a bf16 value and the scales are powers
+    of two, so a GEMM with fp32 accumulation of the operands' bf16 images computes the same products
+    and sums; only the accumulation order may differ (tests/test_precision.py checks it against
+    torch._scaled_mm). Where the CPU has no native bf16 GEMM, the images are fp32 (kernels/matmul.py)."""
     if a.device.type != "cpu":
         return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-    y = torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16))
+    image = torch.bfloat16 if matmul.native_low_precision_gemm(torch.bfloat16) else torch.float32
+    y = torch.mm(a.to(image), b.to(image))
     return (y.float() * (scale_a * scale_b)).to(out_dtype)
 
 

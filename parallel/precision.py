@@ -8,7 +8,7 @@
         overflowing step is skipped without advancing the LR schedule.
   fp8   bf16 everywhere except the GEMMs of the decoder's linear layers (fprop, dgrad, wgrad), which
         run in FP8 (HYBRID: e4m3 forward, e5m2 gradients) with delayed or current scaling
-        (parallel/fp8.py), through Transformer Engine where it imports on CUDA, else torch._scaled_mm.
+        (parallel/fp8.py), through Transformer Engine where it imports on CUDA, else trident's (torch._scaled_mm on CUDA).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class FP8Config:
     """Scale = fp8 max / amax / 2^margin: headroom against growth between scale updates."""
     backend: Literal["auto", "te", "torch"] = "auto"
     """te: Transformer Engine's layers (CUDA with transformer_engine installed); torch: trident's FP8
-    linear on torch._scaled_mm (CPU and CUDA); auto: te where it imports on CUDA, else torch."""
+    linear (torch._scaled_mm on CUDA, its exact equivalent on CPU); auto: te where it imports on CUDA, else torch."""
 
 
 class DynamicGradScaler:

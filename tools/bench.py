@@ -252,7 +252,7 @@ def _fmt(res: dict) -> list[str]:
                      f"MFU {100 * res['hf_mfu']:.1f}%  ({res['hf_recipe']}); first-step loss {res['first_loss_hf']:.4f} "
                      f"vs engine {res['first_loss']:.4f}")
     if "fp8" in res["precisions"] and res["device"] == "cpu":
-        lines.append("note: FP8 on CPU is for correctness (torch._scaled_mm emulates it); its speed is the GPU's")
+        lines.append("note: FP8 on CPU is for correctness (its GEMMs are bf16 GEMMs of the FP8 values); its speed is the GPU's")
     if res.get("other_runnable_at_start", 0) > 0:
         lines.append(f"note: {res['other_runnable_at_start']} other runnable task(s) when the run started: other "
                      "processes share the cores, so absolute numbers are low and noisy; the interleaved ratios "

@@ -27,6 +27,7 @@ from engine.checkpoint import RandomSource, load_into
 from engine.config import ModelConfig
 from engine.model import Transformer
 from parallel.handle import ModelHandle
+from parallel.fp8 import scaled_mm
 from parallel.layers import vocab_parallel_cross_entropy
 from parallel.optimizer import OptimConfig
 from parallel.precision import PrecisionPolicy
@@ -177,7 +178,8 @@ class HFRunner:
 
 class MatmulPeak:
     """Best TFLOP/s of an n x n x n GEMM on the device, sampled between training steps: torch.mm in
-    `dtype`, or (fp8) torch._scaled_mm of e4m3 operands with bf16 output."""
+    `dtype`, or (fp8) the FP8 GEMM the layers run (parallel.fp8.scaled_mm: torch._scaled_mm on CUDA) of
+    e4m3 operands with bf16 output."""
 
     def __init__(self, dtype: torch.dtype, n: int, device: torch.device, fp8: bool = False):
         g = torch.Generator().manual_seed(0)
@@ -192,7 +194,7 @@ class MatmulPeak:
 
     def _run(self):
         if self.fp8:
-            return torch._scaled_mm(self.a, self.b, scale_a=self.one, scale_b=self.one, out_dtype=torch.bfloat16)
+            return scaled_mm(self.a, self.b, self.one, self.one, torch.bfloat16)
         return torch.mm(self.a, self.b)
 
     def sample(self, reps: int = 3) -> None:

@@ -40,6 +40,28 @@ def gloo_gbps(mb: int = 64) -> float:
     return min(run_ranks(2, _allreduce_rank, mb))
 
 
+def gemm_share(shape: Shape, batch: int, peak_tflops: float, dtype=torch.float32, reps: int = 3) -> float:
+    """The share of the matmul peak that this model's own GEMMs reach, timed alone: every decoder
+    linear and the LM head at the step's token count, forward (Y = X W^T) and both backward GEMMs
+    (dX = dY W, dW = dY^T X). A calibration measured on shapes, not fitted to any step time."""
+    tokens, h, hd = batch * shape.seq, shape.hidden, shape.hidden // shape.heads
+    outs_ins = [(h + 2 * shape.kv_heads * hd, h), (h, h), (2 * shape.ffn, h), (h, shape.ffn), (shape.vocab, h)]
+    g = torch.Generator().manual_seed(0)
+    mats = [(torch.randn(tokens, i, generator=g).to(dtype), torch.randn(o, i, generator=g).to(dtype),
+             torch.randn(tokens, o, generator=g).to(dtype)) for o, i in outs_ins]
+    counts = [shape.layers] * 4 + [1]
+
+    def one_pass():
+        for (x, w, dy), n in zip(mats, counts):
+            for _ in range(n):
+                x @ w.t(), dy @ w, dy.t() @ x
+
+    one_pass()
+    best = min(_timed(one_pass) for _ in range(reps))
+    flops = sum(3 * 2 * tokens * o * i * n for (o, i), n in zip(outs_ins, counts))
+    return flops / best / 1e12 / peak_tflops
+
+
 def _shape(size) -> Shape:
     return Shape(size.hidden, size.layers, size.heads, size.kv_heads or size.heads, size.ffn, size.vocab, size.seq)
 
