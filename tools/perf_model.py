@@ -106,6 +106,9 @@ class Calibration:
     """PP sends 1/tp of the activation per TP rank (Megatron's scatter / gather optimisation)."""
     activations: str = "megatron"
     """Which kernels' saved tensors the activation memory counts: megatron | trident (memory_bytes)."""
+    optimizer_pass: bool = False
+    """Count the optimizer step as memory-bound work (OPTIMIZER_BYTES per local parameter at HBM
+    bandwidth). Off for Table 1, whose fitted GEMM share absorbs it; on where the share is measured."""
 
 
 MEGATRON_2021 = Calibration()
@@ -125,6 +128,12 @@ def step_flops(shape: Shape, batch: int, recompute: str) -> tuple[float, float]:
 BYTES_PER_PARAM = {"fp32": (4, 4, 8), "bf16": (2, 4, 12), "fp16": (2, 4, 12), "fp8": (2, 4, 12)}
 """(weights, gradients, optimizer) bytes per parameter: 16-bit (or fp8-cast bf16) weights with fp32
 gradients, fp32 master weights and two fp32 Adam moments; fp32 weights are their own masters."""
+
+
+OPTIMIZER_BYTES = {"fp32": 36, "bf16": 38, "fp16": 38, "fp8": 38}
+"""Bytes the step moves per parameter: the grad-norm read (4); AdamW reading the fp32 gradient,
+master, m and v (16) and writing master, m and v (12); zeroing the gradient (4); the 16-bit copy of
+the new weight (2)."""
 
 
 def _megatron_layer(shape: Shape, lay: Layout) -> float:
@@ -202,35 +211,45 @@ def _ring(bytes_: float, n: int, gbps: float, lat: float) -> float:
 
 
 def predict(shape: Shape, lay: Layout, batch: int, gpu: GPU, precision: str = "bf16",
-            cal: Calibration = MEGATRON_2021) -> dict:
+            cal: Calibration = MEGATRON_2021, forward_only: bool = False) -> dict:
+    """One step over `batch` sequences; forward_only: a scoring pass (one forward, no gradients)."""
     t, p, d, b, v = lay.tp, lay.pp, lay.dp, lay.micro_batch, lay.vp
     n = t * p * d
     m = batch // (d * b)
     peak = (gpu.fp8_tflops if precision == "fp8" and gpu.fp8_tflops else gpu.bf16_tflops) * 1e12
+    if forward_only:
+        lay = replace(lay, recompute="none")
     hw, model = step_flops(shape, batch, lay.recompute)
+    if forward_only:
+        hw, model = hw / 3, model / 3
     s, h = shape.seq, shape.hidden
-    passes = {"none": 3, "selective": 3, "full": 4}[lay.recompute]
+    passes = 1 if forward_only else {"none": 3, "selective": 3, "full": 4}[lay.recompute]
     score_passes = passes + (1 if lay.recompute == "selective" else 0)
     mem_s = (cal.score_bytes * b * (shape.heads / t) * s * s * score_passes
              + cal.elem_bytes * b * s * h * passes) / (gpu.hbm_tbps * 1e12)
     per_mb_layer = hw / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
     msg = b * s * h * 2
     # 2 all-reduces per layer in each forward (the recomputed one too) and in the backward
-    tp_s = 2 * (passes - 1) * _ring(msg, t, gpu.nvlink_gbps, cal.latency_s) if t > 1 else 0.0
+    reduces = 2 if forward_only else 2 * (passes - 1)
+    tp_s = reduces * _ring(msg, t, gpu.nvlink_gbps, cal.latency_s) if t > 1 else 0.0
     per_mb_stage = (per_mb_layer + tp_s) * shape.layers / p
     pipe_s = pipeline_s(per_mb_stage, m, p, v)
     net = gpu.net_gbps if n > gpu.per_node else gpu.nvlink_gbps
-    p2p_s = 0.0 if p == 1 else 2 * m * (msg / (t if cal.p2p_scatter else 1)) / (net * 1e9)
+    p2p_s = 0.0 if p == 1 else (1 if forward_only else 2) * m * (msg / (t if cal.p2p_scatter else 1)) / (net * 1e9)
     stage_params = shape.params / (t * p)
-    dp_s = _ring(stage_params * cal.grad_comm_bytes, d, net, cal.latency_s) * (1 - cal.dp_overlap)
-    step = pipe_s + p2p_s + dp_s
+    dp_s = 0.0 if forward_only else _ring(stage_params * cal.grad_comm_bytes, d, net, cal.latency_s) * (1 - cal.dp_overlap)
+    opt_s = 0.0
+    if cal.optimizer_pass and not forward_only:
+        opt_s = stage_params / (d if lay.zero else 1) * OPTIMIZER_BYTES[precision] / (gpu.hbm_tbps * 1e12)
+    step = pipe_s + p2p_s + dp_s + opt_s
     mem = memory_bytes(shape, lay, precision, cal.activations, m)
     return {"step_s": step, "tflops_per_gpu": hw / n / step / 1e12, "mfu": model / n / step / peak,
             "tokens_per_s": batch * s / step, "bubble": (p - 1) / (v * m), "memory_gib_per_gpu":
             {k: round(x / 2**30, 2) for k, x in mem.items()},
             "fits": mem["total"] <= 0.95 * gpu.hbm_gib * 2**30,
             "time_s": {"compute_and_tp": round(pipe_s, 4), "tp_comm": round(tp_s * shape.layers / p * m, 4),
-                       "pp_p2p": round(p2p_s, 4), "dp_comm": round(dp_s, 4)},
+                       "pp_p2p": round(p2p_s, 4), "dp_comm": round(dp_s, 4),
+                       "optimizer": round(opt_s, 4)},
             "layout": asdict(lay)}
 
 

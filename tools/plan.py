@@ -17,49 +17,77 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.errors import ConfigError, TridentError
-from tools.perf_model import GPUS, MEGATRON_2021, Layout, Shape, check_layout, predict, search
+from tools.perf_model import GPU, GPUS, MEGATRON_2021, Layout, Shape, check_layout, search
 
 
-def _shape(args) -> Shape:
+def hf_shape(path: str, seq: int) -> Shape:
+    """A Shape from an HF config.json (Llama / Mistral / Qwen2 fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        c = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return Shape(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                     c.get("num_key_value_heads", c["num_attention_heads"]), c["intermediate_size"],
+                     c["vocab_size"], seq)
+    except KeyError as e:
+        raise ConfigError(f"{path} lacks {e.args[0]}") from None
+
+
+def model_shape(args, seq: int) -> Shape:
     if args.hf_config:
-        path = Path(args.hf_config)
-        if not path.is_file():
-            raise ConfigError(f"--hf-config {path}: no such file")
-        try:
-            c = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--hf-config {path} is not valid JSON: {e}") from None
-        try:
-            return Shape(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                         c.get("num_key_value_heads", c["num_attention_heads"]), c["intermediate_size"],
-                         c["vocab_size"], args.seq)
-        except KeyError as e:
-            raise ConfigError(f"--hf-config {path} lacks {e.args[0]}") from None
+        return hf_shape(args.hf_config, seq)
     need = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "vocab": args.vocab}
     missing = [k for k, v in need.items() if v is None]
     if missing:
         raise ConfigError(f"give --hf-config or --{' --'.join(missing)}")
     return Shape(args.hidden, args.layers, args.heads, args.kv_heads or args.heads, args.ffn or 4 * args.hidden,
-                 args.vocab, args.seq, swiglu=args.ffn is not None and not args.gelu)
+                 args.vocab, seq, swiglu=args.ffn is not None and not args.gelu)
+
+
+def add_model_and_gpu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf-config", help="an HF config.json (Llama / Mistral / Qwen2 fields)")
+    for name in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--gelu", action="store_true", help="a 2-matrix GELU MLP (GPT) instead of SwiGLU")
+    p.add_argument("--gpus", type=int, help="GPUs in the job (required unless --calibrate)")
+    p.add_argument("--gpu", default="h100-sxm", help=f"one of {', '.join(GPUS)} (default h100-sxm)")
+    for name, what in (("peak-tflops", "dense bf16 peak"), ("hbm-gib", "HBM per GPU"), ("hbm-tbps", "HBM TB/s"),
+                       ("nvlink-gbps", "NVLink GB/s"), ("net-gbps", "inter-node GB/s per GPU")):
+        p.add_argument(f"--{name}", type=float, help=f"override the GPU's {what}")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp8"])
+
+
+def gpu_from_args(args) -> GPU:
+    if args.gpu not in GPUS:
+        raise ConfigError(f"unknown --gpu {args.gpu!r}: one of {', '.join(GPUS)}")
+    over = {"bf16_tflops": "peak_tflops", "hbm_gib": "hbm_gib", "hbm_tbps": "hbm_tbps", "nvlink_gbps": "nvlink_gbps",
+            "net_gbps": "net_gbps"}
+    given = {field: getattr(args, arg) for field, arg in over.items() if getattr(args, arg) is not None}
+    for field, v in given.items():
+        if v <= 0:
+            raise ConfigError(f"--{over[field].replace('_', '-')} must be > 0, got {v}")
+    return replace(GPUS[args.gpu], **given)
+
+
+def check_positive(args, names) -> None:
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="trident plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
-    p.add_argument("--hf-config", help="an HF config.json (Llama / Mistral / Qwen2 fields)")
-    for name in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--gelu", action="store_true", help="a 2-matrix GELU MLP (GPT) instead of SwiGLU")
+    add_model_and_gpu_args(p)
     p.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step (required unless --calibrate)")
-    p.add_argument("--gpus", type=int, help="GPUs in the job (required unless --calibrate)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine and check the model against bench train (S, M) and bench pipeline")
-    p.add_argument("--gpu", default="h100-sxm", help=f"one of {', '.join(GPUS)} (default h100-sxm)")
-    for name, what in (("peak-tflops", "dense bf16 peak"), ("hbm-gib", "HBM per GPU"), ("nvlink-gbps", "NVLink GB/s"),
-                       ("net-gbps", "inter-node GB/s per GPU")):
-        p.add_argument(f"--{name}", type=float, help=f"override the GPU's {what}")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp8"])
     p.add_argument("--tp", type=int)
     p.add_argument("--pp", type=int)
     p.add_argument("--vp", type=int, help="virtual pipeline stages per rank (interleaved 1F1B)")
@@ -86,6 +114,9 @@ def _fmt(lay: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["ppo"]:
+        from tools.plan_ppo import main as plan_ppo
+        return plan_ppo(argv[1:])
     args = parse(argv)
     if args.calibrate:
         from tools.plan_calibrate import report, run
@@ -96,18 +127,10 @@ def main(argv: list[str]) -> int:
     try:
         if args.gpus is None or args.global_batch is None:
             raise ConfigError("give --gpus and --global-batch (or --calibrate)")
-        if args.gpu not in GPUS:
-            raise ConfigError(f"unknown --gpu {args.gpu!r}: one of {', '.join(GPUS)}")
-        for name in ("gpus", "global_batch", "seq", "top", "tp", "pp", "vp", "micro_batch", "hidden", "layers",
-                     "heads", "kv_heads", "ffn", "vocab"):
-            v = getattr(args, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        gpu = GPUS[args.gpu]
-        over = {"bf16_tflops": args.peak_tflops, "hbm_gib": args.hbm_gib, "nvlink_gbps": args.nvlink_gbps,
-                "net_gbps": args.net_gbps}
-        gpu = replace(gpu, **{k: v for k, v in over.items() if v is not None})
-        shape = _shape(args)
+        check_positive(args, ("gpus", "global_batch", "seq", "top", "tp", "pp", "vp", "micro_batch", "hidden",
+                              "layers", "heads", "kv_heads", "ffn", "vocab"))
+        gpu = gpu_from_args(args)
+        shape = model_shape(args, args.seq)
         fixed = {k: v for k, v in (("tp", args.tp), ("pp", args.pp), ("vp", args.vp), ("micro_batch", args.micro_batch),
                                    ("recompute", args.recompute), ("zero", args.zero)) if v is not None}
         if "tp" in fixed and "pp" in fixed:

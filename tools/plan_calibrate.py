@@ -1,8 +1,8 @@
 """`trident plan --calibrate`: the planner's model against this machine. It measures the matmul peak
-(inside `bench train`), host memory bandwidth and the gloo all-reduce bandwidth, fits the one
-compute constant (the GEMM share of the measured peak) on `bench train --size S`, and then predicts
-`bench train --size M` and the 1F1B and interleaved steps of `bench pipeline`, each measured in the
-same run. Prints predicted against measured; the last line is one JSON object."""
+(inside `bench train`), host memory bandwidth, the gloo all-reduce bandwidth and the share of the
+peak each model's own GEMMs reach (timed alone), then predicts `bench train --size S` and `--size M`
+and the 1F1B and interleaved steps of `bench pipeline`, each measured in the same run. Nothing is
+fitted to a measured step time. Prints predicted against measured; the last line is one JSON object."""
 from __future__ import annotations
 
 import time
@@ -40,10 +40,12 @@ def gloo_gbps(mb: int = 64) -> float:
     return min(run_ranks(2, _allreduce_rank, mb))
 
 
-def gemm_share(shape: Shape, batch: int, peak_tflops: float, dtype=torch.float32, reps: int = 3) -> float:
+def gemm_share(shape: Shape, batch: int, peak_tflops: float, dtype=torch.float32, reps: int = 3,
+               forward_only: bool = False) -> float:
     """The share of the matmul peak that this model's own GEMMs reach, timed alone: every decoder
-    linear and the LM head at the step's token count, forward (Y = X W^T) and both backward GEMMs
-    (dX = dY W, dW = dY^T X). A calibration measured on shapes, not fitted to any step time."""
+    linear and the LM head at the step's token count (batch x seq), forward (Y = X W^T) and, unless
+    forward_only, both backward GEMMs (dX = dY W, dW = dY^T X). A calibration measured on shapes, not
+    fitted to any step time."""
     tokens, h, hd = batch * shape.seq, shape.hidden, shape.hidden // shape.heads
     outs_ins = [(h + 2 * shape.kv_heads * hd, h), (h, h), (2 * shape.ffn, h), (h, shape.ffn), (shape.vocab, h)]
     g = torch.Generator().manual_seed(0)
@@ -54,11 +56,13 @@ def gemm_share(shape: Shape, batch: int, peak_tflops: float, dtype=torch.float32
     def one_pass():
         for (x, w, dy), n in zip(mats, counts):
             for _ in range(n):
-                x @ w.t(), dy @ w, dy.t() @ x
+                x @ w.t()
+                if not forward_only:
+                    dy @ w, dy.t() @ x
 
     one_pass()
     best = min(_timed(one_pass) for _ in range(reps))
-    flops = sum(3 * 2 * tokens * o * i * n for (o, i), n in zip(outs_ins, counts))
+    flops = sum((1 if forward_only else 3) * 2 * tokens * o * i * n for (o, i), n in zip(outs_ins, counts))
     return flops / best / 1e12 / peak_tflops
 
 
@@ -70,45 +74,38 @@ def run(steps: int = 4, threads: int = 2) -> dict:
     from tools import bench_pipeline, bench_train
 
     mem, net = memcpy_gbps(), gloo_gbps()
-    train = {}
+    rows, shares, peaks = [], {}, {}
     for name in ("S", "M"):
         size = bench_train.SIZES[name]
         r = bench_train.run(size, ["fp32"], steps=steps, warmup=1, threads=threads, size_name=name, log=lambda *a: None)
+        shape = _shape(size)
+        peaks[name] = r["peak_tflops"]
+        # the model's constants, each measured here and none fitted to a step time: the GEMM share of
+        # the peak on this size's own GEMMs, memcpy bandwidth for the optimizer step (the blocked CPU
+        # attention never writes the score matrix to memory: score_bytes 0)
+        shares[name] = gemm_share(shape, size.batch, r["peak_tflops"])
         cpu = GPU("this-machine", r["peak_tflops"], 0, 24, mem / 1000, net, net, per_node=1)
-        train[name] = {"measured_s": r["step_s"], "peak_tflops": r["peak_tflops"], "shape": _shape(size),
-                       "batch": size.batch, "cpu": cpu}
-    # one constant from S: the share of the measured peak the engine's GEMM mix reaches (the blocked
-    # CPU attention never writes the score matrix to memory: score_bytes 0)
-    s = train["S"]
-    base = replace(MEGATRON_2021, gemm_eff=1.0, score_bytes=0.0, grad_comm_bytes=4.0)
-    lay = Layout(1, 1, 1, s["batch"], recompute="none")
-    ideal = predict(s["shape"], lay, s["batch"], s["cpu"], "fp32", base)["step_s"]
-    cal = replace(base, gemm_eff=ideal / s["measured_s"])
-    rows = []
-    for name, t in train.items():
-        pred = predict(t["shape"], Layout(1, 1, 1, t["batch"], recompute="none"), t["batch"], t["cpu"], "fp32", cal)
+        cal = replace(MEGATRON_2021, gemm_eff=shares[name], score_bytes=0.0, grad_comm_bytes=4.0, optimizer_pass=True)
+        pred = predict(shape, Layout(1, 1, 1, size.batch, recompute="none"), size.batch, cpu, "fp32", cal)
         rows.append({"what": f"bench train --size {name} (fp32)", "predicted_s": pred["step_s"],
-                     "measured_s": t["measured_s"], "fitted": name == "S"})
+                     "measured_s": r["step_s"]})
     pipe = bench_pipeline.run()
     t_mb = (pipe["fwd_ms"] + pipe["bwd_ms"]) / 1000
     for sched, v in (("1f1b", 1), ("interleaved", pipe["v"])):
         # v chunks per rank: each chunk's micro-batch costs t / v
         rows.append({"what": f"bench pipeline {sched} (p={pipe['p']}, m={pipe['m']})",
-                     "predicted_s": pipeline_s(t_mb, pipe["m"], pipe["p"], v), "measured_s": pipe["step_s"][sched],
-                     "fitted": False})
+                     "predicted_s": pipeline_s(t_mb, pipe["m"], pipe["p"], v), "measured_s": pipe["step_s"][sched]})
     for r in rows:
         r["error"] = r["predicted_s"] / r["measured_s"] - 1
-    return {"memcpy_gbps": mem, "gloo_allreduce_gbps": net, "peak_tflops": {k: t["peak_tflops"] for k, t in train.items()},
-            "gemm_eff_fitted_on_S": cal.gemm_eff, "rows": rows,
-            "max_error_not_fitted": max(abs(r["error"]) for r in rows if not r["fitted"])}
+    return {"memcpy_gbps": mem, "gloo_allreduce_gbps": net, "peak_tflops": peaks, "gemm_share": shares,
+            "rows": rows, "max_error": max(abs(r["error"]) for r in rows)}
 
 
 def report(res: dict) -> list[str]:
     lines = [f"this machine: matmul peak {res['peak_tflops']['S']:.3f} TFLOP/s (fp32), memcpy {res['memcpy_gbps']:.1f} "
-             f"GB/s, gloo all-reduce {res['gloo_allreduce_gbps']:.2f} GB/s; GEMM share fitted on S: "
-             f"{res['gemm_eff_fitted_on_S']:.3f}",
+             f"GB/s, gloo all-reduce {res['gloo_allreduce_gbps']:.2f} GB/s; the models' GEMMs reach "
+             + ", ".join(f"{k} {v:.2f}" for k, v in res["gemm_share"].items()) + " of the peak",
              f"{'':48}{'predicted':>11}{'measured':>10}{'error':>8}"]
     for r in res["rows"]:
-        lines.append(f"{r['what'] + (' [fitted]' if r['fitted'] else ''):<48}{r['predicted_s']:>10.3f}s"
-                     f"{r['measured_s']:>9.3f}s{r['error']:>+8.1%}")
+        lines.append(f"{r['what']:<48}{r['predicted_s']:>10.3f}s{r['measured_s']:>9.3f}s{r['error']:>+8.1%}")
     return lines
