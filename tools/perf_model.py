@@ -106,6 +106,16 @@ class Calibration:
     """PP sends 1/tp of the activation per TP rank (Megatron's scatter / gather optimisation)."""
     activations: str = "megatron"
     """Which kernels' saved tensors the activation memory counts: megatron | trident (memory_bytes)."""
+    nongemm_layer_s: float = 0.0
+    """Measured seconds per token of one decoder layer's non-GEMM work (norms, RoPE, the attention core,
+    SwiGLU, residual adds), forward + backward; when set it replaces the attention-core FLOPs and the
+    score / elementwise bytes (tools/plan_calibrate.nongemm_s measures it on CPUs)."""
+    nongemm_head_s: float = 0.0
+    """Measured seconds per token of the loss's softmax over the vocabulary, forward + backward."""
+    nongemm_layer_fwd_s: float = 0.0
+    """The same as nongemm_layer_s for a forward pass without gradients (scoring)."""
+    nongemm_head_fwd_s: float = 0.0
+    """The same as nongemm_head_s for a forward pass without gradients (scoring)."""
     optimizer_pass: bool = False
     """Count the optimizer step as memory-bound work (OPTIMIZER_BYTES per local parameter at HBM
     bandwidth). Off for Table 1, whose fitted GEMM share absorbs it; on where the share is measured."""
@@ -227,7 +237,15 @@ def predict(shape: Shape, lay: Layout, batch: int, gpu: GPU, precision: str = "b
     score_passes = passes + (1 if lay.recompute == "selective" else 0)
     mem_s = (cal.score_bytes * b * (shape.heads / t) * s * s * score_passes
              + cal.elem_bytes * b * s * h * passes) / (gpu.hbm_tbps * 1e12)
-    per_mb_layer = hw / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
+    if cal.nongemm_layer_s:  # measured non-GEMM time (a forward is a third of forward + backward)
+        hw_gemm = hw - batch * shape.layers * 4 * s * s * h * score_passes
+        if forward_only and cal.nongemm_layer_fwd_s:
+            mem_s = (cal.nongemm_layer_fwd_s + cal.nongemm_head_fwd_s / shape.layers) * b * s / t
+        else:
+            mem_s = (cal.nongemm_layer_s + cal.nongemm_head_s / shape.layers) * b * s / t * passes / 3
+        per_mb_layer = hw_gemm / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
+    else:
+        per_mb_layer = hw / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
     msg = b * s * h * 2
     # 2 all-reduces per layer in each forward (the recomputed one too) and in the backward
     reduces = 2 if forward_only else 2 * (passes - 1)

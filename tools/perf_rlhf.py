@@ -74,6 +74,14 @@ def engine_weight_bytes(s: Shape, tp_g: int, weight_bytes: int = 2) -> float:
     return (s.layers * s.layer_matmul_params + s.hidden * s.vocab) * weight_bytes / tp_g
 
 
+def generation_flops(job: PPOJob, b: int) -> tuple[float, float]:
+    """(prefill FLOPs, FLOPs of one decode step at the mean context) for b sequences at once."""
+    s, lp = job.actor, job.prompt_len
+    head, ctx = s.hidden * s.vocab, lp + job.response_len / 2
+    prefill = 2 * s.layers * s.layer_matmul_params * b * lp + 2 * lp * lp * s.hidden * s.layers * b + 2 * head * b
+    return prefill, (2 * (s.layers * s.layer_matmul_params + head) + 4 * ctx * s.hidden * s.layers) * b
+
+
 def generation(job: PPOJob, tp_g: int, engines: int, gpu: GPU, cal: EngineCalibration,
                resident_gib: float = 0.0, weight_bytes: int = 2) -> dict:
     """Seconds to generate the step's rollouts on `engines` engines of tp_g GPUs each; resident_gib:
@@ -90,11 +98,10 @@ def generation(job: PPOJob, tp_g: int, engines: int, gpu: GPU, cal: EngineCalibr
     per_engine = math.ceil(job.rollouts / engines)
     waves = math.ceil(per_engine / int(free // per_seq))
     b = math.ceil(per_engine / waves)
-    prefill = (2 * s.layers * s.layer_matmul_params * b * lp + 2 * lp * lp * s.hidden * s.layers * b
-               + 2 * head * b) / (tp_g * peak)
+    prefill_flops, step_flops = generation_flops(job, b)
+    prefill = prefill_flops / (tp_g * peak)
     ctx = lp + r / 2
-    flops = ((2 * (s.layers * s.layer_matmul_params + head) + 4 * ctx * s.hidden * s.layers) * b
-             / (tp_g * gpu.bf16_tflops * 1e12 * cal.decode_gemm_eff))
+    flops = step_flops / (tp_g * gpu.bf16_tflops * 1e12 * cal.decode_gemm_eff)
     reads = (weights + _kv_bytes_per_token(s) / tp_g * ctx * b) / (gpu.hbm_tbps * 1e12 * cal.bw_eff)
     tp_lat = 2 * s.layers * cal.latency_s if tp_g > 1 else 0.0
     step = max(flops, reads) + tp_lat + cal.step_s

@@ -66,6 +66,59 @@ def gemm_share(shape: Shape, batch: int, peak_tflops: float, dtype=torch.float32
     return flops / best / 1e12 / peak_tflops
 
 
+def nongemm_s(shape: Shape, batch: int, dtype=torch.float32, reps: int = 3, forward_only: bool = False) -> tuple[float, float]:
+    """Seconds per token of the engine's own non-GEMM kernels at the step's shape, forward + backward
+    (forward_only: a forward pass under no_grad, as scoring runs it):
+    one decoder layer's two RMSNorms, RoPE on q and k, the causal attention core, SwiGLU and the two
+    residual adds (with the model's views and copies), and the loss's cross-entropy over the vocabulary.
+    Each on leaf tensors, so no GEMM runs; like gemm_share, measured on shapes, not on a step."""
+    from kernels.attention import scaled_dot_product_attention
+    from kernels.rmsnorm import rms_norm
+    from kernels.rope import apply_rope, inv_frequencies, rope_cos_sin
+    from kernels.swiglu import swiglu
+    from parallel.layers import vocab_parallel_cross_entropy
+
+    b, s, h, nq, nkv = batch, shape.seq, shape.hidden, shape.heads, shape.kv_heads
+    hd = h // nq
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*size):
+        return torch.randn(*size, generator=g).to(dtype).requires_grad_()
+
+    x, w1, w2 = leaf(b, s, h), leaf(h), leaf(h)
+    qkv, attn_out, gate_up, mlp_out = leaf(b, s, h + 2 * nkv * hd), leaf(b, s, h), leaf(b, s, 2 * shape.ffn), leaf(b, s, h)
+    cos, sin = rope_cos_sin(torch.arange(s).expand(b, s), inv_frequencies(hd, 10000.0), dtype)
+    logits, labels = leaf(b * s, shape.vocab), torch.randint(0, shape.vocab, (b * s,), generator=g)
+
+    def layer():
+        n1 = rms_norm(x, w1, 1e-5)
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = apply_rope(q.view(b, s, nq, hd).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, s, nkv, hd).transpose(1, 2), cos, sin)
+        o = scaled_dot_product_attention(q, k, v.view(b, s, nkv, hd).transpose(1, 2), is_causal=True,
+                                         enable_gqa=nq != nkv)
+        o = o.transpose(1, 2).reshape(b, s, h)
+        r1 = x + attn_out
+        n2 = rms_norm(r1, w2, 1e-5)
+        act = swiglu(gate_up)
+        r2 = r1 + mlp_out
+        outs = [n1, o, n2, act, r2]
+        if not forward_only:
+            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+    def head():
+        loss = vocab_parallel_cross_entropy(logits, labels, None, 0).mean()
+        if not forward_only:
+            loss.backward()
+
+    out = []
+    with torch.set_grad_enabled(not forward_only):
+        for fn in (layer, head):
+            fn()
+            out.append(min(_timed(fn) for _ in range(reps)) / (b * s))
+    return out[0], out[1]
+
+
 def _shape(size) -> Shape:
     return Shape(size.hidden, size.layers, size.heads, size.kv_heads or size.heads, size.ffn, size.vocab, size.seq)
 
@@ -74,18 +127,20 @@ def run(steps: int = 4, threads: int = 2) -> dict:
     from tools import bench_pipeline, bench_train
 
     mem, net = memcpy_gbps(), gloo_gbps()
-    rows, shares, peaks = [], {}, {}
+    rows, shares, peaks, other = [], {}, {}, {}
     for name in ("S", "M"):
         size = bench_train.SIZES[name]
         r = bench_train.run(size, ["fp32"], steps=steps, warmup=1, threads=threads, size_name=name, log=lambda *a: None)
         shape = _shape(size)
         peaks[name] = r["peak_tflops"]
         # the model's constants, each measured here and none fitted to a step time: the GEMM share of
-        # the peak on this size's own GEMMs, memcpy bandwidth for the optimizer step (the blocked CPU
-        # attention never writes the score matrix to memory: score_bytes 0)
+        # the peak on this size's own GEMMs, its non-GEMM kernels' time per token, memcpy bandwidth
+        # for the optimizer step
         shares[name] = gemm_share(shape, size.batch, r["peak_tflops"])
+        other[name] = nongemm_s(shape, size.batch)
         cpu = GPU("this-machine", r["peak_tflops"], 0, 24, mem / 1000, net, net, per_node=1)
-        cal = replace(MEGATRON_2021, gemm_eff=shares[name], score_bytes=0.0, grad_comm_bytes=4.0, optimizer_pass=True)
+        cal = replace(MEGATRON_2021, gemm_eff=shares[name], nongemm_layer_s=other[name][0],
+                      nongemm_head_s=other[name][1], grad_comm_bytes=4.0, optimizer_pass=True)
         pred = predict(shape, Layout(1, 1, 1, size.batch, recompute="none"), size.batch, cpu, "fp32", cal)
         rows.append({"what": f"bench train --size {name} (fp32)", "predicted_s": pred["step_s"],
                      "measured_s": r["step_s"]})
@@ -98,6 +153,7 @@ def run(steps: int = 4, threads: int = 2) -> dict:
     for r in rows:
         r["error"] = r["predicted_s"] / r["measured_s"] - 1
     return {"memcpy_gbps": mem, "gloo_allreduce_gbps": net, "peak_tflops": peaks, "gemm_share": shares,
+            "nongemm_us_per_token": {k: {"layer": 1e6 * v[0], "head": 1e6 * v[1]} for k, v in other.items()},
             "rows": rows, "max_error": max(abs(r["error"]) for r in rows)}
 
 

@@ -18,7 +18,8 @@ from dataclasses import replace
 
 from engine.errors import ConfigError, TridentError
 from tools.perf_model import GPU, MEGATRON_2021, Layout, Shape
-from tools.perf_rlhf import EngineCalibration, PPOJob, engine_weight_bytes, generation, plan_ppo, sync, training
+from tools.perf_rlhf import (EngineCalibration, PPOJob, engine_weight_bytes, generation, generation_flops, plan_ppo,
+                              sync, training)
 from tools.plan import add_model_and_gpu_args, check_positive, gpu_from_args, hf_shape, model_shape
 
 
@@ -117,18 +118,53 @@ def _job(size) -> PPOJob:
     return PPOJob(s, s, s, size.prompts, size.prompt_len, size.response)
 
 
+def _counted(job: PPOJob, peak: float, dtype, cpu: GPU, ecal: EngineCalibration) -> tuple[dict, dict]:
+    """Phase seconds of bench ppo at this job's shape as the planner counts them on this machine, and
+    the constants measured for the count: the share of the peak the job's training GEMMs reach and its
+    non-GEMM kernels' time per token (with and without gradients)."""
+    from tools.plan_calibrate import gemm_share, nongemm_s
+
+    a = job.actor
+    share = gemm_share(a, job.rollouts, peak, dtype)
+    (layer_s, head_s), (layer_f, head_f) = nongemm_s(a, job.rollouts, dtype), nongemm_s(a, job.rollouts, dtype,
+                                                                                        forward_only=True)
+    tcal = replace(MEGATRON_2021, gemm_eff=share, nongemm_layer_s=layer_s, nongemm_head_s=head_s,
+                   nongemm_layer_fwd_s=layer_f, nongemm_head_fwd_s=head_f, grad_comm_bytes=4.0, optimizer_pass=True)
+    lay = Layout(1, 1, 1, job.rollouts)
+    phases = {"gen_s": generation(job, 1, 1, cpu, ecal)["gen_s"], "sync_s": sync(job, lay, 1, 1, cpu, ecal, True),
+              **{k: v for k, v in training(job, lay, cpu, "bf16", tcal).items() if k in ("score_s", "train_s")}}
+    consts = {"gemm_share": share, "nongemm_us_per_token": {k: round(1e6 * v, 2) for k, v in (
+        ("layer", layer_s), ("head", head_s), ("layer_forward", layer_f), ("head_forward", head_f))}}
+    return phases, consts
+
+
+def _engine_calibration(quarter: PPOJob, half: PPOJob, mq: dict, mh: dict, peak: float, mem_gbps: float):
+    """The engine's cost per FLOP and per decode step from two probes that differ only in width: the
+    extra generation time of the wider one over its extra FLOPs, and what that rate leaves of the
+    narrower one's time per decode step; the sync's fixed cost is the narrow probe's beyond its bytes."""
+    def total(job):
+        pre, step = generation_flops(job, job.rollouts)
+        return pre + job.response_len * step
+    rate = (total(half) - total(quarter)) / max(mh["gen_s"] - mq["gen_s"], 1e-9)
+    step_s = max(0.0, (mq["gen_s"] - total(quarter) / rate) / quarter.response_len)
+    sync_fixed = max(0.0, mq["sync_s"] - quarter.actor.params * 2 / (mem_gbps * 1e9))
+    eff = rate / (peak * 1e12)
+    return EngineCalibration(gemm_eff=eff, decode_gemm_eff=eff, bw_eff=1.0, step_s=step_s, sync_fixed_s=sync_fixed)
+
+
 def calibrate() -> dict:
-    """Measure this machine (matmul peak in the dtype bench ppo's GEMMs run, memcpy bandwidth, the share
-    of the peak L's own GEMMs reach at the training, prefill and decode token counts), and the engine's
-    fixed costs per decode step and per sync on `bench ppo --size L-probe` (L's batch and lengths on a
-    1-layer, 128-wide model, so what is left after its small compute is the engine's own cost). Then
-    predict `bench ppo --size L` phase by phase and run it."""
+    """Measure this machine: the matmul peak in the dtype bench ppo's GEMMs run, memcpy bandwidth, the
+    share of the peak the job's own training GEMMs reach and its non-GEMM kernels' time. The vLLM
+    engine's cost per FLOP and per decode step come from `bench ppo --size L-quarter` and `L-half` (L's
+    depth, batch and lengths at a quarter and a half of its width). What the count of scoring and
+    training leaves out (Python, the PPO math, dispatch) is L-quarter's measured minus counted time.
+    Then predict `bench ppo --size L` phase by phase and run it."""
     import torch
 
     from kernels.matmul import native_low_precision_gemm
     from tools.bench_ppo import SIZES
     from tools.bench_train import MatmulPeak
-    from tools.plan_calibrate import gemm_share, memcpy_gbps
+    from tools.plan_calibrate import memcpy_gbps
 
     torch.set_num_threads(2)
     dtype = torch.bfloat16 if native_low_precision_gemm(torch.bfloat16) else torch.float32
@@ -136,37 +172,33 @@ def calibrate() -> dict:
     peak = MatmulPeak(dtype, 1024, torch.device("cpu"))
     peak.sample(5)
     cpu = GPU("this-machine", peak.best, 0, 24, mem / 1000, mem, mem, per_node=1)
-    job = _job(SIZES["L"])
-    a = job.actor
-    shares = {"train": gemm_share(a, job.rollouts, peak.best, dtype),
-              "prefill": gemm_share(replace(a, seq=job.prompt_len), job.rollouts, peak.best, dtype, forward_only=True),
-              "decode": gemm_share(replace(a, seq=1), job.rollouts, peak.best, dtype, forward_only=True, reps=20)}
-    ecal = EngineCalibration(gemm_eff=shares["prefill"], decode_gemm_eff=shares["decode"], bw_eff=1.0,
-                             step_s=0.0, sync_fixed_s=0.0)
-    lay = Layout(1, 1, 1, job.rollouts)
-    probe_job, probe = _job(SIZES["L-probe"]), _bench_ppo("L-probe")
-    compute_only = generation(probe_job, 1, 1, cpu, ecal)
-    ecal = replace(ecal, step_s=max(0.0, (probe["gen_s"] - compute_only["gen_s"]) / probe_job.response_len),
-                   sync_fixed_s=max(0.0, probe["sync_s"] - sync(probe_job, lay, 1, 1, cpu, ecal, True)))
-    tcal = replace(MEGATRON_2021, gemm_eff=shares["train"], score_bytes=0.0, grad_comm_bytes=4.0, optimizer_pass=True)
-    pred = {"gen_s": generation(job, 1, 1, cpu, ecal)["gen_s"], "sync_s": sync(job, lay, 1, 1, cpu, ecal, True),
-            **{k: v for k, v in training(job, lay, cpu, "bf16", tcal).items() if k in ("score_s", "train_s")}}
+    quarter, half, job = _job(SIZES["L-quarter"]), _job(SIZES["L-half"]), _job(SIZES["L"])
+    mq, mh = _bench_ppo("L-quarter"), _bench_ppo("L-half")
+    ecal = _engine_calibration(quarter, half, mq, mh, peak.best, mem)
+    counted_q, _ = _counted(quarter, peak.best, dtype, cpu, ecal)
+    left = {k: mq[k] - counted_q[k] for k in ("score_s", "train_s")}
+    pred, consts = _counted(job, peak.best, dtype, cpu, ecal)
+    pred = {k: v + left.get(k, 0.0) for k, v in pred.items()}
     measured = _bench_ppo("L")
-    rows = [{"phase": k, "predicted_s": pred[k], "measured_s": measured[k], "error": pred[k] / measured[k] - 1}
-            for k in ("gen_s", "sync_s", "score_s", "train_s")]
+    rows = [{"phase": k, "predicted_s": pred[k], "measured_s": measured[k], "error": pred[k] / measured[k] - 1,
+             "quarter_s": mq[k], "half_s": mh[k]} for k in ("gen_s", "sync_s", "score_s", "train_s")]
     return {"matmul_dtype": str(dtype).replace("torch.", ""), "peak_tflops": peak.best, "memcpy_gbps": mem,
-            "gemm_share": shares, "engine_step_s": ecal.step_s, "sync_fixed_s": ecal.sync_fixed_s,
-            "engine_weights_mb": engine_weight_bytes(a, 1) / 1e6, "rows": rows,
+            **consts, "engine": {"flop_share": ecal.gemm_eff, "step_ms": 1000 * ecal.step_s,
+                                 "sync_fixed_ms": 1000 * ecal.sync_fixed_s},
+            "not_counted_s": left, "engine_weights_mb": engine_weight_bytes(job.actor, 1) / 1e6, "rows": rows,
             "max_error_gen_score_train": max(abs(r["error"]) for r in rows if r["phase"] != "sync_s")}
 
 
 def report(res: dict) -> list[str]:
-    sh = res["gemm_share"]
+    ng, en, left = res["nongemm_us_per_token"], res["engine"], res["not_counted_s"]
     lines = [f"this machine: {res['matmul_dtype']} matmul peak {res['peak_tflops']:.3f} TFLOP/s, memcpy "
-             f"{res['memcpy_gbps']:.1f} GB/s; L's GEMMs reach {sh['train']:.2f} (training), {sh['prefill']:.2f} "
-             f"(prefill), {sh['decode']:.2f} (decode) of the peak; engine step {1000 * res['engine_step_s']:.1f} ms "
-             f"and sync {1000 * res['sync_fixed_s']:.1f} ms beyond compute and bytes (bench ppo --size L-probe)",
-             f"bench ppo --size L   {'predicted':>10}{'measured':>10}{'error':>8}"]
+             f"{res['memcpy_gbps']:.1f} GB/s; L's training GEMMs reach {res['gemm_share']:.2f} of the peak, its "
+             f"non-GEMM kernels {ng['layer']:.1f} us per token and layer ({ng['layer_forward']:.1f} forward only)",
+             f"vLLM engine (L-quarter, L-half): {en['flop_share']:.2f} of the peak per FLOP, {en['step_ms']:.1f} ms "
+             f"per decode step, sync {en['sync_fixed_ms']:.1f} ms beyond its bytes; not counted (L-quarter): "
+             f"scoring {left['score_s']:+.2f} s, training {left['train_s']:+.2f} s",
+             f"bench ppo --size L   {'predicted':>10}{'measured':>10}{'error':>8}   (L-quarter, L-half measured)"]
     for r in res["rows"]:
-        lines.append(f"{r['phase']:<21}{r['predicted_s']:>9.3f}s{r['measured_s']:>9.3f}s{r['error']:>+8.1%}")
+        lines.append(f"{r['phase']:<21}{r['predicted_s']:>9.3f}s{r['measured_s']:>9.3f}s{r['error']:>+8.1%}"
+                     f"   ({r['quarter_s']:.3f}s, {r['half_s']:.3f}s)")
     return lines
