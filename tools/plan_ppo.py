@@ -103,13 +103,15 @@ def main(argv: list[str]) -> int:
 
 # ---- calibration: the model against `bench ppo --size L` on this machine ---------------------------
 
-def _bench_ppo(size: str) -> dict:
-    """One `trident bench ppo` run in its own process (its vLLM engine comes and goes with it)."""
-    cmd = [sys.executable, "-m", "tools.bench", "ppo", "--size", size, "--steps", "2", "--warmup", "1"]
+def _bench_ppo(size: str, steps: int) -> dict:
+    """The fastest of `steps` timed steps, per phase, of one `trident bench ppo` run in its own process
+    (its vLLM engine comes and goes with it). Generation times of the small probes vary by up to 50%
+    from step to step here; the fastest is the least disturbed."""
+    cmd = [sys.executable, "-m", "tools.bench", "ppo", "--size", size, "--steps", str(steps), "--warmup", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["fastest"]
 
 
 def _job(size) -> PPOJob:
@@ -118,16 +120,29 @@ def _job(size) -> PPOJob:
     return PPOJob(s, s, s, size.prompts, size.prompt_len, size.response)
 
 
-def _counted(job: PPOJob, peak: float, dtype, cpu: GPU, ecal: EngineCalibration) -> tuple[dict, dict]:
-    """Phase seconds of bench ppo at this job's shape as the planner counts them on this machine, and
-    the constants measured for the count: the share of the peak the job's training GEMMs reach and its
-    non-GEMM kernels' time per token (with and without gradients)."""
+def _speed(dtype) -> float:
+    """This machine's matmul TFLOP/s now (best of 20 1024^3 GEMMs): the shared host's speed drifts by
+    up to 25% between runs here, so every timing is scaled to the speed during the L run."""
+    import torch
+
+    from tools.bench_train import MatmulPeak
+    peak = MatmulPeak(dtype, 1024, torch.device("cpu"))
+    peak.sample(20)
+    return peak.best
+
+
+def _counted(job: PPOJob, dtype, cpu: GPU, ecal: EngineCalibration) -> tuple[dict, dict]:
+    """Phase seconds of bench ppo at this job's shape as the planner counts them on `cpu`, and the
+    constants measured for the count: the share of the peak the job's training GEMMs reach and its
+    non-GEMM kernels' time per token (with and without gradients), at the speed cpu.bf16_tflops."""
     from tools.plan_calibrate import gemm_share, nongemm_s
 
     a = job.actor
-    share = gemm_share(a, job.rollouts, peak, dtype)
-    (layer_s, head_s), (layer_f, head_f) = nongemm_s(a, job.rollouts, dtype), nongemm_s(a, job.rollouts, dtype,
-                                                                                        forward_only=True)
+    now = _speed(dtype)
+    share = gemm_share(a, job.rollouts, now, dtype)
+    at = now / cpu.bf16_tflops  # kernel seconds measured now, at cpu's speed
+    (layer_s, head_s), (layer_f, head_f) = ([x * at for x in nongemm_s(a, job.rollouts, dtype, forward_only=f)]
+                                            for f in (False, True))
     tcal = replace(MEGATRON_2021, gemm_eff=share, nongemm_layer_s=layer_s, nongemm_head_s=head_s,
                    nongemm_layer_fwd_s=layer_f, nongemm_head_fwd_s=head_f, grad_comm_bytes=4.0, optimizer_pass=True)
     lay = Layout(1, 1, 1, job.rollouts)
@@ -158,31 +173,39 @@ def calibrate() -> dict:
     engine's cost per FLOP and per decode step come from `bench ppo --size L-quarter` and `L-half` (L's
     depth, batch and lengths at a quarter and a half of its width). What the count of scoring and
     training leaves out (Python, the PPO math, dispatch) is L-quarter's measured minus counted time.
-    Then predict `bench ppo --size L` phase by phase and run it."""
+    Every timing is scaled to the machine's matmul speed during the L run (sampled before each
+    measurement). Then predict `bench ppo --size L` phase by phase against its run."""
     import torch
 
     from kernels.matmul import native_low_precision_gemm
     from tools.bench_ppo import SIZES
-    from tools.bench_train import MatmulPeak
     from tools.plan_calibrate import memcpy_gbps
 
     torch.set_num_threads(2)
     dtype = torch.bfloat16 if native_low_precision_gemm(torch.bfloat16) else torch.float32
     mem = memcpy_gbps()
-    peak = MatmulPeak(dtype, 1024, torch.device("cpu"))
-    peak.sample(5)
-    cpu = GPU("this-machine", peak.best, 0, 24, mem / 1000, mem, mem, per_node=1)
+    runs = {}
+    for name, steps in (("L-quarter", 10), ("L-half", 10), ("L", 5)):
+        speed = _speed(dtype)
+        runs[name] = (_bench_ppo(name, steps), speed)
+    measured, ref = runs["L"]
+
+    def at_ref(name):  # a probe's compute-bound phases at the speed of the L run
+        m, speed = runs[name]
+        return {k: v * (speed / ref if k != "sync_s" else 1.0) for k, v in m.items()}
+
+    mq, mh = at_ref("L-quarter"), at_ref("L-half")
+    cpu = GPU("this-machine", ref, 0, 24, mem / 1000, mem, mem, per_node=1)
     quarter, half, job = _job(SIZES["L-quarter"]), _job(SIZES["L-half"]), _job(SIZES["L"])
-    mq, mh = _bench_ppo("L-quarter"), _bench_ppo("L-half")
-    ecal = _engine_calibration(quarter, half, mq, mh, peak.best, mem)
-    counted_q, _ = _counted(quarter, peak.best, dtype, cpu, ecal)
+    ecal = _engine_calibration(quarter, half, mq, mh, ref, mem)
+    counted_q, _ = _counted(quarter, dtype, cpu, ecal)
     left = {k: mq[k] - counted_q[k] for k in ("score_s", "train_s")}
-    pred, consts = _counted(job, peak.best, dtype, cpu, ecal)
+    pred, consts = _counted(job, dtype, cpu, ecal)
     pred = {k: v + left.get(k, 0.0) for k, v in pred.items()}
-    measured = _bench_ppo("L")
     rows = [{"phase": k, "predicted_s": pred[k], "measured_s": measured[k], "error": pred[k] / measured[k] - 1,
              "quarter_s": mq[k], "half_s": mh[k]} for k in ("gen_s", "sync_s", "score_s", "train_s")]
-    return {"matmul_dtype": str(dtype).replace("torch.", ""), "peak_tflops": peak.best, "memcpy_gbps": mem,
+    return {"matmul_dtype": str(dtype).replace("torch.", ""), "peak_tflops": ref, "memcpy_gbps": mem,
+            "speed_tflops_before": {k: v[1] for k, v in runs.items()},
             **consts, "engine": {"flop_share": ecal.gemm_eff, "step_ms": 1000 * ecal.step_s,
                                  "sync_fixed_ms": 1000 * ecal.sync_fixed_s},
             "not_counted_s": left, "engine_weights_mb": engine_weight_bytes(job.actor, 1) / 1e6, "rows": rows,
@@ -197,6 +220,8 @@ def report(res: dict) -> list[str]:
              f"vLLM engine (L-quarter, L-half): {en['flop_share']:.2f} of the peak per FLOP, {en['step_ms']:.1f} ms "
              f"per decode step, sync {en['sync_fixed_ms']:.1f} ms beyond its bytes; not counted (L-quarter): "
              f"scoring {left['score_s']:+.2f} s, training {left['train_s']:+.2f} s",
+             "matmul speed before each run (TFLOP/s): " + ", ".join(
+                 f"{k} {v:.3f}" for k, v in res["speed_tflops_before"].items()) + "; probes scaled to L's",
              f"bench ppo --size L   {'predicted':>10}{'measured':>10}{'error':>8}   (L-quarter, L-half measured)"]
     for r in res["rows"]:
         lines.append(f"{r['phase']:<21}{r['predicted_s']:>9.3f}s{r['measured_s']:>9.3f}s{r['error']:>+8.1%}"
