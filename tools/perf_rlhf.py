@@ -88,7 +88,6 @@ def generation(job: PPOJob, tp_g: int, engines: int, gpu: GPU, cal: EngineCalibr
     what else stays on each GPU meanwhile (colocated: the training models' weights and optimizer)."""
     s, lp, r = job.actor, job.prompt_len, job.response_len
     peak = gpu.bf16_tflops * 1e12 * cal.gemm_eff
-    head = s.hidden * s.vocab
     weights = engine_weight_bytes(s, tp_g, weight_bytes)
     free = cal.kv_util * gpu.hbm_gib * 2**30 - weights - resident_gib * 2**30
     per_seq = _kv_bytes_per_token(s) / tp_g * (lp + r)
