@@ -162,7 +162,7 @@ def checkpoint(args) -> int:
     if args.dp < 1:
         raise ConfigError("--dp must be >= 1")
     res = run(args.size, args.dp, args.precision, args.zero, args.out)
-    return _report(report(res), res)
+    return print_report(report(res), res)
 
 
 def memory(args) -> int:
@@ -170,7 +170,7 @@ def memory(args) -> int:
 
     if args.peak:
         res = run_peak(precision=args.precision)
-        return _report(report_peak(res), res)
+        return print_report(report_peak(res), res)
 
     try:
         dps = [int(x) for x in args.dp.split(",") if x.strip()]
@@ -179,7 +179,7 @@ def memory(args) -> int:
     if not dps or min(dps) < 1:
         raise ConfigError("--dp sizes must be >= 1")
     res = run(args.size, dps, args.precision)
-    return _report(report(res), res)
+    return print_report(report(res), res)
 
 
 def precision(args) -> int:
@@ -192,7 +192,7 @@ def precision(args) -> int:
     if (args.steps is not None and args.steps < 1) or args.ppo_steps < 1 or args.seeds < 1:
         raise ConfigError("--steps, --ppo-steps and --seeds must be >= 1")
     res = run(wanted, args.out, args.steps, args.ppo, args.ppo_steps, args.seeds)
-    return _report(format_result(res), res)
+    return print_report(format_result(res), res)
 
 
 def pipeline(args) -> int:
@@ -205,7 +205,7 @@ def pipeline(args) -> int:
     if args.forward_ms <= 0 or args.backward_ms <= 0:
         raise ConfigError("--forward-ms and --backward-ms must be > 0")
     res = run(args.stages, args.micro_batches, args.forward_ms, args.backward_ms, args.virtual_stages, args.steps)
-    return _report(format_result(res), res)
+    return print_report(format_result(res), res)
 
 
 def ppo(args) -> int:
@@ -222,10 +222,10 @@ def ppo(args) -> int:
         backend = "vllm" if vllm_available() else "native"
     res = run(size, backend, args.dtype, args.steps, args.warmup, args.old_logprobs, args.size,
               vllm_eager=not args.vllm_compile, compile_layers=args.compile, vllm_cpu_reserve=args.vllm_cpu_reserve)
-    return _report(format_result(res), res)
+    return print_report(format_result(res), res)
 
 
-def _report(lines: list[str], res: dict) -> int:
+def print_report(lines: list[str], res: dict) -> int:
     """The human-readable summary, then every number as one JSON object on the last line."""
     for line in lines:
         print(line)
@@ -293,7 +293,7 @@ def train(args) -> int:
               compile_layers=args.compile, threads=args.threads,
               peak_n=args.peak_n or (8192 if device == "cuda" else 2048), size_name=name,
               profile=args.profile, malloc=args.malloc, attention=args.attention, device=device)
-    return _report(_fmt(res), res)
+    return print_report(_fmt(res), res)
 
 
 def main(argv: list[str]) -> int:

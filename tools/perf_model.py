@@ -237,15 +237,14 @@ def predict(shape: Shape, lay: Layout, batch: int, gpu: GPU, precision: str = "b
     score_passes = passes + (1 if lay.recompute == "selective" else 0)
     mem_s = (cal.score_bytes * b * (shape.heads / t) * s * s * score_passes
              + cal.elem_bytes * b * s * h * passes) / (gpu.hbm_tbps * 1e12)
+    gemm_hw = hw
     if cal.nongemm_layer_s:  # measured non-GEMM time (a forward is a third of forward + backward)
-        hw_gemm = hw - batch * shape.layers * 4 * s * s * h * score_passes
+        gemm_hw = hw - batch * shape.layers * 4 * s * s * h * score_passes
         if forward_only and cal.nongemm_layer_fwd_s:
             mem_s = (cal.nongemm_layer_fwd_s + cal.nongemm_head_fwd_s / shape.layers) * b * s / t
         else:
             mem_s = (cal.nongemm_layer_s + cal.nongemm_head_s / shape.layers) * b * s / t * passes / 3
-        per_mb_layer = hw_gemm / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
-    else:
-        per_mb_layer = hw / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
+    per_mb_layer = gemm_hw / batch * b / shape.layers / t / (peak * cal.gemm_eff) + mem_s
     msg = b * s * h * 2
     # 2 all-reduces per layer in each forward (the recomputed one too) and in the backward
     reduces = 2 if forward_only else 2 * (passes - 1)

@@ -128,14 +128,15 @@ def training(job: PPOJob, lay: Layout, gpu: GPU, precision: str = "bf16", cal: C
         return predict(shape, lay, n, gpu, precision, cal, forward_only=True)["step_s"]
 
     fused = job.fused_values and job.epochs == 1 and job.minibatches == 1 and lay.pp == 1
-    score = fwd(a) + fwd(rm) + (fwd(a) if job.old_logprobs == "recompute" else 0.0) + (0.0 if fused else fwd(c))
+    actor_fwd = fwd(a)  # the reference, and the actor's old log-probs when recomputed
+    score = actor_fwd * (2 if job.old_logprobs == "recompute" else 1) + fwd(rm) + (0.0 if fused else fwd(c))
     per_minibatch = n // job.minibatches
     steps = job.epochs * job.minibatches
     train = steps * sum(predict(sh, lay, per_minibatch, gpu, precision, cal)["step_s"] for sh in (a, c))
     m = per_minibatch // (lay.dp * lay.micro_batch)
     frozen = sum(sh.params for sh in (a, rm)) * 2 / (lay.tp * lay.pp)  # reference + reward: 16-bit weights
-    mem = {k: memory_bytes(a, lay, precision, cal.activations, m)[k] + memory_bytes(c, lay, precision, cal.activations, m)[k]
-           for k in ("weights", "grads", "optimizer", "activations")}
+    ma, mc = (memory_bytes(sh, lay, precision, cal.activations, m) for sh in (a, c))
+    mem = {k: ma[k] + mc[k] for k in ("weights", "grads", "optimizer", "activations")}
     resident = (mem["weights"] + mem["grads"] + mem["optimizer"] + frozen) / 2**30
     return {"score_s": score, "train_s": train, "memory_gib": (sum(mem.values()) + frozen) / 2**30,
             "resident_gib": resident}

@@ -119,11 +119,10 @@ def main(argv: list[str]) -> int:
         return plan_ppo(argv[1:])
     args = parse(argv)
     if args.calibrate:
+        from tools.bench import print_report
         from tools.plan_calibrate import report, run
         res = run()
-        print("\n".join(report(res)))
-        print(json.dumps(res))
-        return 0
+        return print_report(report(res), res)
     try:
         if args.gpus is None or args.global_batch is None:
             raise ConfigError("give --gpus and --global-batch (or --calibrate)")

@@ -61,10 +61,9 @@ def why(best: dict, ranked: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.calibrate:
+        from tools.bench import print_report
         res = calibrate()
-        print("\n".join(report(res)))
-        print(json.dumps(res))
-        return 0
+        return print_report(report(res), res)
     try:
         if args.gpus is None or args.rollouts is None:
             raise ConfigError("give --gpus and --rollouts (or --calibrate)")
