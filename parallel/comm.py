@@ -139,6 +139,54 @@ def p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tens
     return works[: len(sends)]
 
 
+# ---- links: groups outside the training world ------------------------------------------------------
+
+def tcp_store(addr: str, port: int, host: bool, timeout_s: float = 300):
+    """A TCP key-value store: `host` serves it on addr:port (port 0 picks a free one: read `.port`)."""
+    import datetime
+
+    return dist.TCPStore(addr, port, is_master=host, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class Link:
+    """A process group of its own on a TCP store, whose members need not share torch.distributed's
+    default world: the trainers and the hosts of separate rollout engines, or the trainers and vLLM's
+    worker processes. Ops take group ranks. Each op times out after `timeout_s`, and a peer that dies
+    fails the ops waiting on it at once (its connection closes)."""
+
+    def __init__(self, store, prefix: str, rank: int, size: int, timeout_s: float = 300, backend: str = "gloo"):
+        import datetime
+
+        self.rank, self.size, self.timeout_s, self.prefix = rank, size, timeout_s, prefix
+        scoped = dist.PrefixStore(prefix, store)
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = datetime.timedelta(seconds=timeout_s)
+            self.pg = dist.ProcessGroupNCCL(scoped, rank, size, opts)
+        else:
+            self.pg = dist.ProcessGroupGloo(scoped, rank, size, datetime.timedelta(seconds=timeout_s))
+
+    def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src
+            self.pg.broadcast([t], opts).wait()
+        return t
+
+    def send(self, t: torch.Tensor, dst: int, tag: int = 0):
+        """Start sending t to group rank dst; returns the work to `.wait()` on before reusing t."""
+        return self.pg.send([t], dst, tag)
+
+    def recv(self, t: torch.Tensor, src: int, tag: int = 0):
+        """Start receiving into t from group rank src; returns the work to `.wait()` on."""
+        return self.pg.recv([t], src, tag)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.pg.barrier().wait()
+
+
 # ---- autograd region ops ---------------------------------------------------------------------------
 
 class _Copy(torch.autograd.Function):

@@ -9,6 +9,7 @@ ConfigError naming the dotted path of the first bad field, so a run fails before
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from dataclasses import dataclass
@@ -137,6 +138,8 @@ def from_dict(cls, data: dict, where: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"config section {where.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
     hints = _hints(cls)
+    # a key that is a Python keyword (rollout.async) names the field with a trailing underscore (PEP 8)
+    data = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in data.items()}
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(data) - known
     if unknown:

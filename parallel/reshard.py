@@ -132,3 +132,89 @@ class SharedTarget:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+# ---- over the network: the same pieces, sent by their owners to each engine worker ------------------
+
+def wire_specs(pieces: list[Piece]) -> list[tuple]:
+    """What a receiver needs to place one sender's pieces: (name, dtype, full shape, dim, start, length,
+    nbytes) for every owned, non-empty piece, in the order they are sent."""
+    return [(p.name, str(p.tensor.dtype).removeprefix("torch."), list(p.shape), p.dim, p.start, p.length,
+             p.tensor.numel() * p.tensor.element_size()) for p in pieces if p.owner and p.length]
+
+
+def buckets(specs: list[tuple], bucket_bytes: int) -> list[tuple[int, int]]:
+    """(first, end) piece ranges of consecutive pieces of at most bucket_bytes each (a larger piece goes
+    alone): sender and receiver cut them the same way, so only byte counts need to match."""
+    out, first, size = [], 0, 0
+    for i, spec in enumerate(specs):
+        if size and size + spec[-1] > bucket_bytes:
+            out.append((first, i))
+            first, size = i, 0
+        size += spec[-1]
+    if first < len(specs):
+        out.append((first, len(specs)))
+    return out
+
+
+def _bucket_bytes(specs, span) -> int:
+    return sum(s[-1] for s in specs[span[0]:span[1]])
+
+
+class WireSender:
+    """Sends this rank's owned slices, in buckets, to receivers that rebuild full tensors (vLLM's
+    workers: parallel.reshard.receive). Each byte leaves its owner once per receiver; nothing is
+    gathered. At most `window` buckets are staged at a time."""
+
+    def __init__(self, pieces: list[Piece], bucket_bytes: int = 64 << 20, window: int = 2):
+        self.pieces = [p for p in pieces if p.owner and p.length]
+        self.specs = wire_specs(self.pieces)
+        self.spans = buckets(self.specs, bucket_bytes)
+        self.window = window
+        self.last_bytes = 0
+
+    def send(self, link, dsts: list[int]) -> int:
+        """Send every bucket to every group rank in dsts; returns the bytes this rank put on the wire.
+        Blocks until the receivers have taken them (they post their receives before waiting)."""
+        device = self.pieces[0].tensor.device if self.pieces else torch.device("cpu")
+        staged: list[tuple[torch.Tensor, list]] = []
+        sent = 0
+        for tag, (first, end) in enumerate(self.spans):
+            if len(staged) == self.window:
+                for work in staged.pop(0)[1]:
+                    work.wait()
+            buf = torch.empty(_bucket_bytes(self.specs, (first, end)), dtype=torch.uint8, device=device)
+            at = 0
+            for p in self.pieces[first:end]:
+                n = p.tensor.numel() * p.tensor.element_size()
+                buf[at:at + n].view(p.tensor.dtype).view(p.tensor.shape).copy_(p.tensor)
+                at += n
+            staged.append((buf, [link.send(buf, d, tag) for d in dsts]))
+            sent += buf.numel() * len(dsts)
+        for _, works in staged:
+            for work in works:
+                work.wait()
+        self.last_bytes = sent
+        return sent
+
+
+def receive(link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, full: dict[str, torch.Tensor],
+            device=None) -> int:
+    """Receive every sender's buckets ((group rank, wire_specs) each) and place the slices into `full`
+    (name -> full tensor); returns the bytes received. All receives are posted before any wait, so the
+    senders' windows never stall on the order this side happens to drain them."""
+    posted = []
+    for src, specs in senders:
+        for tag, span in enumerate(buckets(specs, bucket_bytes)):
+            buf = torch.empty(_bucket_bytes(specs, span), dtype=torch.uint8, device=device)
+            posted.append((link.recv(buf, src, tag), buf, specs[span[0]:span[1]]))
+    got = 0
+    for work, buf, specs in posted:
+        work.wait()
+        at = 0
+        for name, dtype, shape, dim, start, length, nbytes in specs:
+            dst = full[name] if dim is None else full[name].narrow(dim, start, length)
+            dst.copy_(buf[at:at + nbytes].view(getattr(torch, dtype)).view(dst.shape))
+            at += nbytes
+        got += buf.numel()
+    return got

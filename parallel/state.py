@@ -125,13 +125,8 @@ def thaw_heap() -> None:
     gc.unfreeze()
 
 
-def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 300) -> ParallelState:
-    """Create the grid for this process; joins torch.distributed when launched by torchrun.
-
-    Without a launcher (no WORLD_SIZE) this is a single-process state with no groups.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = validate_sizes(world_size, tp, pp)
+def _local_device(backend: str | None) -> torch.device:
+    """This rank's device (cuda:LOCAL_RANK unless gloo is asked for), with the CPU tuned for training."""
     device = torch.device("cpu")
     if torch.cuda.is_available() and backend != "gloo":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -142,12 +137,58 @@ def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     if device.type == "cpu":
         tune_malloc()
+    return device
+
+
+def init_parallel(tp: int = 1, pp: int = 1, backend: str | None = None, timeout_s: float = 300) -> ParallelState:
+    """Create the grid for this process; joins torch.distributed when launched by torchrun.
+
+    Without a launcher (no WORLD_SIZE) this is a single-process state with no groups.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = validate_sizes(world_size, tp, pp)
+    device = _local_device(backend)
     if world_size == 1 and not dist.is_initialized():
         return ParallelState(device=device)
     if not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return build_state(dist.get_rank(), tp, pp, dp, device)
+
+
+@dataclass
+class Job:
+    """Where this process sits in a launch whose last ranks do not train (they host rollout engines):
+    ranks [0, trainers) form the training world, every rank shares the launcher's store."""
+
+    rank: int
+    world: int
+    trainers: int
+    store: object = field(repr=False)
+
+
+def init_job(tp: int, pp: int, spare: int, backend: str | None = None,
+             timeout_s: float = 300) -> tuple[ParallelState | None, Job | None]:
+    """init_parallel for a launch whose last `spare` ranks serve instead of training: those get no
+    ParallelState (None) and torch.distributed's default world holds only the trainers, so nothing in
+    training ever waits on them. Both get the Job (its store is how they meet). spare = 0 is
+    init_parallel."""
+    if spare == 0:
+        return init_parallel(tp, pp, backend, timeout_s), None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    trainers = world_size - spare
+    if trainers < 1:
+        raise ConfigError(f"{world_size} ranks leave none to train beside {spare} for the rollout engines")
+    dp = validate_sizes(trainers, tp, pp)
+    store, rank, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=timeout_s)))
+    job = Job(rank, world_size, trainers, store)
+    if rank >= trainers:
+        return None, job
+    device = _local_device(backend)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, store=dist.PrefixStore("trident/train", store), rank=rank,
+                            world_size=trainers, timeout=datetime.timedelta(seconds=timeout_s))
+    return build_state(rank, tp, pp, dp, device), job
 
 
 def build_state(rank: int, tp: int, pp: int, dp: int, device: torch.device) -> ParallelState:
