@@ -26,7 +26,7 @@ from engine.experience import (actor_forward_step, build_experience, critic_forw
 from engine.ppo_config import (AlgoConfig, EvalConfig, PPOConfig, RolloutConfig, check_config,  # noqa: F401
                                check_placement)
 from engine.reward import rule_scores
-from engine.rollout import make_rollout
+from engine.rollout import VLLMRollout, abort_on_error, make_rollout
 from engine.run_log import RunLog
 from engine.sampler import SamplingParams
 from engine.tokenizer import check_vocab, load_tokenizer
@@ -145,7 +145,8 @@ class PPOTrainer:
                             {"sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s})
         if cfg.rollout.async_:
             # what the engines spent on this batch beyond what the step waited for ran under training
-            line.update(policy_lag=int(posted), engine_gen_s=engine_s, overlap_saved_s=max(0.0, engine_s - wait_s))
+            line.update(policy_lag=int(posted), engine_gen_s=engine_s, overlap_saved_s=max(0.0, engine_s - wait_s),
+                        gen_tokens_per_s=sum(len(r) for r in gen.responses) / max(engine_s, 1e-9))
         return line
 
     def reward(self, prompts, gen, rule_fn):
@@ -333,64 +334,65 @@ def ppo(cfg: PPOConfig) -> list[dict]:
     spare = check_placement(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     state, job = init_job(cfg.parallel.tp, cfg.parallel.pp, spare)
     if state is None:  # a rank of a separate rollout engine: generate until the trainers are done
-        from engine.rollout import VLLMRollout
         engine = VLLMRollout.engine_ranks(job, ro.engines, ro.vllm_tp, ro.timeout_s)
         try:
             engine.serve()
         finally:
             engine.close()
         return []
-    trainer = PPOTrainer(cfg, state, actor_source, critic_source, rm_source, tokenizer.eos_id, tokenizer.pad_id,
-                         ptx(state) if ptx else None, job)
-    out = Path(cfg.out_dir)
-    main_rank = state.rank == 0
-    rng = torch.Generator().manual_seed(cfg.seed)
-    start, saved = train_state.resume(found, trainer.handles(), state)
-    if saved:
-        trainer.load_trainer_state(saved)
-        rng.set_state(train_state.unb64(saved["prompt_rng"]))
-    run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if found[0] is not None else None)
-    if eval_ids and start == 0:
-        run.log(trainer.evaluate(0, tokenizer, eval_records, eval_ids))
-    saver = train_state.Saver(cfg.checkpoint, out / "checkpoints", cfg.steps, state, cfg.tokenizer)
-    group = cfg.rollout.samples_per_prompt
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}, {cfg.precision}]",
-               disable=not main_rank, dynamic_ncols=True, initial=start, total=cfg.steps)
-    def draw():
-        """A step's prompts (each prompt's samples together) and the generator's state after drawing them."""
-        pick = torch.randperm(len(prompt_ids), generator=rng)[: ro.prompts_per_step].tolist()
-        return [i for i in pick for _ in range(group)], train_state.b64(rng.get_state())
+    with abort_on_error(job, state.rank):  # separate engines' ranks would otherwise wait on their node
+        trainer = PPOTrainer(cfg, state, actor_source, critic_source, rm_source, tokenizer.eos_id, tokenizer.pad_id,
+                             ptx(state) if ptx else None, job)
+        out = Path(cfg.out_dir)
+        main_rank = state.rank == 0
+        rng = torch.Generator().manual_seed(cfg.seed)
+        start, saved = train_state.resume(found, trainer.handles(), state)
+        if saved:
+            trainer.load_trainer_state(saved)
+            rng.set_state(train_state.unb64(saved["prompt_rng"]))
+        run = RunLog(cfg.out_dir, cfg, main_rank, resume_step=start if found[0] is not None else None)
+        if eval_ids and start == 0:
+            run.log(trainer.evaluate(0, tokenizer, eval_records, eval_ids))
+        saver = train_state.Saver(cfg.checkpoint, out / "checkpoints", cfg.steps, state, cfg.tokenizer)
+        group = cfg.rollout.samples_per_prompt
+        bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"ppo[{trainer.rollout.name}, {cfg.precision}]",
+                   disable=not main_rank, dynamic_ncols=True, initial=start, total=cfg.steps)
 
-    upcoming = None
-    for step in bar:
-        pick, rng_after = upcoming or draw()
-        upcoming = draw() if ro.async_ and step < cfg.steps else None  # generated while this step trains
-        batch = [records[i] for i in pick]
+        def draw():
+            """A step's prompts (each prompt's samples together) and the generator's state after drawing them."""
+            pick = torch.randperm(len(prompt_ids), generator=rng)[: ro.prompts_per_step].tolist()
+            return [i for i in pick for _ in range(group)], train_state.b64(rng.get_state())
 
-        def rule_fn(responses, batch=batch):
-            texts = [tokenizer.decode(r) for r in responses]
-            return rule_scores(cfg.reward.rules, [r["prompt"] for r in batch], texts, batch)
+        upcoming = None
+        for step in bar:
+            pick, rng_after = upcoming or draw()
+            upcoming = draw() if ro.async_ and step < cfg.steps else None  # generated while this step trains
+            batch = [records[i] for i in pick]
 
-        line = trainer.step(step, [prompt_ids[i] for i in pick], rule_fn,
-                            [prompt_ids[i] for i in upcoming[0]] if upcoming else None)
-        line["skipped_prompts"] = skipped_prompts
-        run.step(line)
-        bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{line['kl']:.3f}")
-        if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
-            run.log(trainer.evaluate(step, tokenizer, eval_records, eval_ids))
-        saver.step_end(step, trainer.handles(), lambda: {"step": step, "prompt_rng": rng_after,
-                                                        **trainer.trainer_state()})
-    saver.close()
-    trainer.close()
-    run.close()
-    ckpt.save_native(trainer.actor.chunks, state, out / "actor", cfg.tokenizer)
-    if main_rank:
-        if cfg.export_hf:
-            from engine.hf_export import native_to_hf
-            native_to_hf(str(out / "actor"), str(out / "hf"), force=True)
-        from engine.run_log import plot_metrics
-        plot_metrics(out / "metrics.jsonl", out / "curves.png")
-    return run.history
+            def rule_fn(responses, batch=batch):
+                texts = [tokenizer.decode(r) for r in responses]
+                return rule_scores(cfg.reward.rules, [r["prompt"] for r in batch], texts, batch)
+
+            line = trainer.step(step, [prompt_ids[i] for i in pick], rule_fn,
+                                [prompt_ids[i] for i in upcoming[0]] if upcoming else None)
+            line["skipped_prompts"] = skipped_prompts
+            run.step(line)
+            bar.set_postfix(reward=f"{line['reward_mean']:.3f}", kl=f"{line['kl']:.3f}")
+            if eval_ids and (step % cfg.eval.every == 0 or step == cfg.steps):
+                run.log(trainer.evaluate(step, tokenizer, eval_records, eval_ids))
+            saver.step_end(step, trainer.handles(), lambda: {"step": step, "prompt_rng": rng_after,
+                                                            **trainer.trainer_state()})
+        saver.close()
+        trainer.close()
+        run.close()
+        ckpt.save_native(trainer.actor.chunks, state, out / "actor", cfg.tokenizer)
+        if main_rank:
+            if cfg.export_hf:
+                from engine.hf_export import native_to_hf
+                native_to_hf(str(out / "actor"), str(out / "hf"), force=True)
+            from engine.run_log import plot_metrics
+            plot_metrics(out / "metrics.jsonl", out / "curves.png")
+        return run.history
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -112,6 +113,7 @@ class VLLMRollout:
                                                                    "dp": self.dp, "bucket_bytes": self.bucket_bytes}))
             if self.rank in self.place.hosts:
                 self.engine = self._start_host(start)
+            self._wait_for_engines()
             self.sync(chunks)  # the engines started from dummy weights
         self.worker_frozen_objects = self.engine.worker_frozen_objects if self.engine else []
 
@@ -125,6 +127,7 @@ class VLLMRollout:
         start = json.loads(self.store.get("trident/engine_start"))
         self.eos_id, self.per, self.dp = start.pop("eos_id"), start.pop("per"), start.pop("dp")
         self.bucket_bytes = start.pop("bucket_bytes")
+        _watch(job.store, job.rank)
         if self.rank in self.place.hosts:
             _use_engine_devices(tp_gen)
             self.engine = self._start_host(start)
@@ -166,7 +169,21 @@ class VLLMRollout:
         e = self.place.hosts.index(self.rank)
         self._transfer_store = comm.tcp_store(host_address(), 0, host=True, timeout_s=self.timeout_s)
         self.store.set(f"trident/engine/{e}", json.dumps([host_address(), self._transfer_store.port]))
-        return VLLMEngine(**start)
+        engine = VLLMEngine(**start)
+        self.store.set(f"trident/ready/{e}", "1")
+        return engine
+
+    def _wait_for_engines(self, start_timeout_s: float = 1800) -> None:
+        """Starting an engine (loading vLLM, profiling, its KV cache) may take minutes, which no op
+        timeout should count; past `start_timeout_s` the run ends naming the engines still missing."""
+        import datetime
+
+        keys = [f"trident/ready/{e}" for e in range(self.place.engines)]
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=max(start_timeout_s, self.timeout_s)))
+        except Exception:
+            missing = [e for e, k in enumerate(keys) if not self.store.check([k])]
+            raise RuntimeError(f"rollout engine(s) {missing} did not start within {start_timeout_s:.0f} s") from None
 
     def _replica(self, e: int) -> list[int]:
         """The training ranks (one DP replica: every TP x PP rank) that send engine e its weights; the
@@ -198,8 +215,16 @@ class VLLMRollout:
                 self.engine.load_shared(self.target.path, self.target.layout)
         else:
             self._network_sync()
-        self._barrier()
+        self._acks()
         return time.perf_counter() - t0
+
+    def _acks(self) -> None:
+        """Each engine host confirms its weights (the bytes it took): a stalled or lost engine is named."""
+        if self.link is None:
+            return
+        for e, host in enumerate(self.place.hosts):
+            got = torch.tensor([self.last_engine_bytes if host == self.rank else 0], dtype=torch.int64)
+            self._link_op(lambda got=got, host=host: self.link.broadcast(got, host), f"rollout engine {e}'s weight sync")
 
     def _network_sync(self) -> None:
         receiving = None
@@ -326,21 +351,24 @@ class VLLMRollout:
 
     def serve(self) -> None:
         """The loop of a separate engine's ranks: follow the first trainer's commands until STOP."""
+        from engine.faults import crash_point, stall_point
+
+        done = {SYNC: 0, GENERATE: 0}
         while True:
             self._command(0)
             if self._last_command == STOP:
                 return
+            done[self._last_command] += 1
+            point = f"engine:{'sync' if self._last_command == SYNC else 'generate'}:{done[self._last_command]}"
+            crash_point(point)
+            stall_point(point)
             if self._last_command == SYNC:
                 self._network_sync()
-                self._barrier()
+                self._acks()
             elif self._last_command == GENERATE:
                 self.pending = self._received
                 self._host_generate()
                 self._gather()
-
-    def _barrier(self) -> None:
-        if self.link is not None:
-            self._link_op(self.link.barrier, "the rollout engines")
 
     def _link_op(self, op, what: str):
         try:
@@ -360,6 +388,55 @@ class VLLMRollout:
             self._pool.shutdown()
         if self.target is not None:
             self.target.close()
+
+
+ABORT_KEY = "trident/abort"
+
+
+@contextlib.contextmanager
+def abort_on_error(job, rank: int):
+    """On a trainer's error, tell a separate engine's ranks (their watchdogs) that the run is over, and why."""
+    try:
+        yield
+    except BaseException as err:
+        if job is not None:
+            try:
+                job.store.set(ABORT_KEY, f"trainer rank {rank} failed: {type(err).__name__}: {err}"[:2000])
+            except Exception:  # the store went down with whoever hosted it: the watchdogs see that too
+                pass
+        raise
+
+
+def _watch(store, rank: int, every_s: float = 2.0) -> None:
+    """A separate engine's rank ends itself once the trainers abort or their store is gone, even if it
+    is stuck inside vLLM: a launcher only stops the ranks of its own node, so nothing else would."""
+    import sys
+    import threading
+
+    def loop():
+        while True:
+            time.sleep(every_s)
+            try:
+                if not store.check([ABORT_KEY]):
+                    continue
+                why = store.get(ABORT_KEY).decode()
+            except Exception as err:
+                why = f"lost the trainers' store ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            print(f"rollout engine rank {rank}: the run ended: {why}", file=sys.stderr, flush=True)
+            _kill_children()  # vLLM's engine and workers, which would outlive this process
+            os._exit(1)
+
+    threading.Thread(target=loop, name="trident-engine-watchdog", daemon=True).start()
+
+
+def _kill_children() -> None:
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 def _use_engine_devices(tp_gen: int) -> None:

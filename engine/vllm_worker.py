@@ -22,7 +22,8 @@ class _RotaryReloadNotice(logging.Filter):
     computed, never in a checkpoint, and vLLM puts it back. Expected each sync, so not shown."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage().startswith("RotaryEmbedding") and "Failed to load weights" in record.getMessage())
+        message = record.getMessage()
+        return not ("RotaryEmbedding" in message and "Failed to load weights" in message)
 
 
 class WeightSyncExtension:

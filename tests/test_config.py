@@ -7,6 +7,7 @@ import pytest
 
 from engine.cli import main
 from engine.config import load_config
+from engine.errors import ConfigError
 from engine.train import TrainConfig
 
 DEMO_SFT = "tools/configs/demo_sft.yaml"
@@ -114,3 +115,31 @@ def test_rm_bad_values(tmp_path, capsys):
     run = tmp_path / "run"
     _fails(capsys, ["rm", "--config", "tools/configs/demo_rm.yaml", "--batch_pairs=0", f"--out_dir={run}"],
            "batch_pairs must be >= 1", run)
+
+
+@pytest.mark.parametrize("overrides,world,expect", [
+    (["--rollout.async=true"], 2, "rollout.async overlaps generation with training: it needs rollout.placement=separate"),
+    (["--rollout.engines=3"], 3, "rollout.prompts_per_step (128) must divide by rollout.engines (3)"),
+    (["--rollout.engines=2"], 3, "3 ranks do not split evenly over rollout.engines=2 colocated engines"),
+    (["--rollout.placement=separate", "--rollout.engines=2"], 2, "2 ranks leave none to train beside"),
+    (["--rollout.placement=separate", "--rollout.transfer=shm"], 2, "rollout.transfer=shm needs colocated engines"),
+    (["--rollout.placement=separate", "--parallel.tp=2"], 2, "1 training ranks are not divisible by tp*pp = 2*1"),
+    (["--rollout.backend=native", "--rollout.engines=2"], 2, "are for rollout.backend=vllm"),
+])
+def test_rollout_placement_is_checked_before_anything_starts(overrides, world, expect):
+    from engine.ppo import PPOConfig
+    from engine.ppo_config import check_placement
+    cfg = load_config(PPOConfig, "tools/configs/demo_ppo.yaml", ["--rollout.backend=vllm", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        check_placement(cfg, world)
+
+
+def test_separate_placement_counts_the_engine_ranks_and_async_is_the_yaml_key():
+    from engine.ppo import PPOConfig
+    from engine.ppo_config import check_placement
+    cfg = load_config(PPOConfig, "tools/configs/demo_ppo.yaml",
+                      ["--rollout.backend=vllm", "--rollout.placement=separate", "--rollout.engines=2",
+                       "--rollout.vllm_tp=2", "--rollout.async=true"])
+    assert cfg.rollout.async_ and check_placement(cfg, 6) == 4
+    with pytest.raises(ConfigError, match="unknown config key 'rollout.asynch'"):
+        load_config(PPOConfig, None, ["--rollout.asynch=true"])

@@ -27,7 +27,7 @@ def test_tp2_adopts_what_is_contiguous_and_copies_the_rest():
 def test_vllm_cpu_binding_shares_the_cores_and_leaves_the_environment_alone(monkeypatch):
     import os
 
-    from engine.rollout import _env_defaults, cpu_binding
+    from engine.vllm_engine import _env_defaults, cpu_binding
     assert cpu_binding(1, cores=[0, 1]) == "0,1"
     assert cpu_binding(2, cores=[0, 1]) == "0|1"
     assert cpu_binding(2, cores=[0, 1, 2, 3, 4]) == "0,1|2,3"

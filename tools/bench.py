@@ -76,6 +76,8 @@ def _ppo_parser(sub) -> argparse.ArgumentParser:
                    help="old log-probs re-scored by the actor (default) or taken from the generator")
     p.add_argument("--vllm-compile", action="store_true",
                    help="let vLLM compile its model (slower start, faster decoding) instead of eager mode")
+    p.add_argument("--network", action="store_true",
+                   help="also time the network weight transfer (a second engine) against shared memory and reload_weights")
     p.add_argument("--vllm-cpu-reserve", type=int, default=0, metavar="N",
                    help="CPU cores vLLM's worker leaves to its scheduler (rollout.vllm_cpu_reserve; default 0)")
     p.add_argument("--compile", action="store_true",
@@ -221,7 +223,8 @@ def ppo(args) -> int:
         from engine.rollout import vllm_available
         backend = "vllm" if vllm_available() else "native"
     res = run(size, backend, args.dtype, args.steps, args.warmup, args.old_logprobs, args.size,
-              vllm_eager=not args.vllm_compile, compile_layers=args.compile, vllm_cpu_reserve=args.vllm_cpu_reserve)
+              vllm_eager=not args.vllm_compile, compile_layers=args.compile, vllm_cpu_reserve=args.vllm_cpu_reserve,
+              network=args.network)
     return print_report(format_result(res), res)
 
 

@@ -64,7 +64,7 @@ def _config(size: PPOSize, backend: str, dtype: str, old_logprobs: str):
 
 def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 3, warmup: int = 1,
         old_logprobs: str = "recompute", size_name: str = "custom", vllm_eager: bool = True,
-        compile_layers: bool = False, vllm_cpu_reserve: int = 0, log=print) -> dict:
+        compile_layers: bool = False, vllm_cpu_reserve: int = 0, network: bool = False, log=print) -> dict:
     from engine.ppo import PPOTrainer
     from parallel.state import init_parallel
 
@@ -103,6 +103,8 @@ def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 
            "fastest": {k: round(min(x[k] for x in lines), 4) for k in ("gen_s", "sync_s", "score_s", "train_s")}}
     if trainer.rollout.name == "vllm":
         res.update(_sync_overhead(trainer, res["sync_s"]))
+        if network:
+            res.update(_network_transfer(trainer))
     if size_name in TRL_SECONDS:
         res["trl_step_s"] = TRL_SECONDS[size_name]["step_s"]
         res["speedup_vs_trl"] = round(res["trl_step_s"] / res["step_s"], 2)
@@ -118,7 +120,7 @@ def _sync_overhead(trainer, step_sync_s: float, rounds: int = 5) -> dict:
     inside the worker (the reload alone)."""
     from safetensors.torch import save
 
-    rollout, llm = trainer.rollout, trainer.rollout.llm
+    rollout, llm = trainer.rollout, trainer.rollout.engine.llm
     llm.collective_rpc("trident_stage", args=(save({k: v.clone() for k, v in rollout.target.tensors().items()}),))
     ours, outer, inner = [], [], []
     for _ in range(rounds):
@@ -131,6 +133,37 @@ def _sync_overhead(trainer, step_sync_s: float, rounds: int = 5) -> dict:
             "reload_weights_s": round(rpc_s, 4), "reload_weights_inside_worker_s": round(inside_s, 4),
             "sync_overhead": round(sync_s / rpc_s, 3), "sync_overhead_vs_inside": round(sync_s / inside_s, 3),
             "sync_bytes": rollout.last_sync_bytes, "sync_bytes_copied": rollout.target.last_copied}
+
+
+def _network_transfer(trainer, rounds: int = 5) -> dict:
+    """The network path (transfer network: the owners' slices over a gloo transfer group that a second
+    engine's worker joins) against the shared-memory path of the run's own engine and against vLLM's
+    `reload_weights` of the same tensors inside that second engine, alternating back to back."""
+    from safetensors.torch import save
+
+    from engine.rollout import VLLMRollout
+
+    shm, chunks = trainer.rollout, trainer.actor.chunks
+    net = VLLMRollout(chunks, shm.eos_id, chunks[0].cfg.max_position_embeddings, transfer="network")
+    try:
+        llm = net.engine.llm  # one rank: every piece is a whole tensor
+        llm.collective_rpc("trident_stage", args=(save({p.name: p.tensor.clone() for p in net.sender.pieces}),))
+        times: dict[str, list[float]] = {"shm": [], "network": [], "reload": []}
+        for _ in range(rounds):
+            times["shm"].append(shm.sync(chunks))
+            times["network"].append(net.sync(chunks))
+            t0 = time.perf_counter()
+            llm.collective_rpc("trident_reload_staged")
+            times["reload"].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        return {"network_sync_s": round(med["network"], 4), "shm_sync_s": round(med["shm"], 4),
+                "network_reload_weights_s": round(med["reload"], 4),
+                "network_vs_reload": round(med["network"] / med["reload"], 3),
+                "network_vs_shm": round(med["network"] / med["shm"], 3),
+                "network_bytes_sent": net.last_sync_bytes, "network_bytes_received": net.last_engine_bytes,
+                "shm_bytes_placed": shm.last_sync_bytes}
+    finally:
+        net.close()
 
 
 def format_result(res: dict) -> list[str]:
@@ -146,6 +179,12 @@ def format_result(res: dict) -> list[str]:
                      f"{res['reload_weights_inside_worker_s']:.4f} s inside the worker): {res['sync_overhead']:.2f}x "
                      f"({res['sync_overhead_vs_inside']:.2f}x)  ({res['sync_bytes'] / 1e6:.1f} MB placed, "
                      f"{res['sync_bytes_copied'] / 1e6:.1f} MB copied; {res['step_sync_s']:.4f} s after a training step)")
+    if "network_sync_s" in res:
+        lines.append(f"network transfer (gloo, one link trainer -> engine worker) {res['network_sync_s']:.4f} s, "
+                     f"{res['network_bytes_sent'] / 1e6:.1f} MB sent / {res['network_bytes_received'] / 1e6:.1f} MB "
+                     f"received, vs shared memory {res['shm_sync_s']:.4f} s ({res['network_vs_shm']:.2f}x) and vs "
+                     f"vLLM reload_weights of the same tensors {res['network_reload_weights_s']:.4f} s "
+                     f"({res['network_vs_reload']:.2f}x)")
     if "speedup_vs_trl" in res:
         lines.append(f"TRL 1.12 PPOTrainer, same settings: {res['trl_step_s']:.2f} s/step -> "
                      f"{res['speedup_vs_trl']:.2f}x faster")
