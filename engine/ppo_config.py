@@ -46,7 +46,7 @@ class RolloutConfig:
     async_: bool = False
     """`rollout.async`: generate step k+1's rollouts while step k trains (placement separate; a policy
     lag of one, the PPO ratio taken against the behaviour policy's log-probs from the engine)."""
-    sync_bucket_mb: PositiveInt = 64
+    sync_bucket_mb: PositiveInt = 16
     """Network transfer: the most bytes one message carries (two are in flight per sender)."""
     timeout_s: PositiveFloat = 600
     """Longest wait on an engine (a generation's results, a weight transfer) before the run ends with

@@ -83,7 +83,7 @@ class VLLMRollout:
 
     def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True,
                  cpu_reserve: int = 0, log_level: str = "warning", engines: int = 1, transfer: str = "auto",
-                 job=None, bucket_mb: int = 64, timeout_s: float = 600):
+                 job=None, bucket_mb: int = 16, timeout_s: float = 600):
         chunks = model if isinstance(model, list) else [model]
         state = chunks[0].state
         self.state, self.eos_id, self.timeout_s, self.bucket_bytes = state, eos_id, timeout_s, bucket_mb << 20

@@ -75,10 +75,14 @@ class WeightSyncExtension:
             buf = torch_empty(max((o + n for _, _, o, n in layout.values()), default=1), device)
             cache[prefix] = (link, {name: reshard.view(buf, entry) for name, entry in layout.items()}, device)
         link, full, device = cache[prefix]
-        got = reshard.receive(link, senders, bucket_bytes, full, device)
-        self.model_runner.reload_weights(weights_iterator=iter(full.items()), is_checkpoint_format=True)
+        got = [0]
+        # tensors reach the layerwise reload as their last slice lands: loading overlaps the transfer
+        arriving = reshard.receive(link, senders, bucket_bytes, full, device, got)
+        self.model_runner.reload_weights(weights_iterator=arriving, is_checkpoint_format=True)
+        for _ in arriving:  # every posted receive completes, whatever the reload took
+            pass
         self._trident_refresh_tied_head()
-        return got
+        return got[0]
 
     def _trident_refresh_tied_head(self) -> None:
         """A tied LM head shares the embedding's parameter, but vLLM's layerwise reload re-processes

@@ -143,78 +143,112 @@ def wire_specs(pieces: list[Piece]) -> list[tuple]:
              p.tensor.numel() * p.tensor.element_size()) for p in pieces if p.owner and p.length]
 
 
-def buckets(specs: list[tuple], bucket_bytes: int) -> list[tuple[int, int]]:
-    """(first, end) piece ranges of consecutive pieces of at most bucket_bytes each (a larger piece goes
-    alone): sender and receiver cut them the same way, so only byte counts need to match."""
-    out, first, size = [], 0, 0
+DIRECT_BYTES = 256 << 10
+
+
+def messages(specs: list[tuple], bucket_bytes: int) -> list[tuple[int, int, bool]]:
+    """How one sender's pieces go on the wire: (first, end, direct) ranges of its specs. A piece of at
+    least DIRECT_BYTES travels alone and without a copy (from its parameter's storage into its place
+    in the full tensor where that is contiguous: at ~4 GB/s its transfer already outweighs a message's
+    ~50 us); smaller ones are packed together, up to bucket_bytes per message, so per-message latency
+    does not add up over norms and biases. Sender and receiver cut them the same way, from the specs."""
+    out, first, size = [], None, 0
     for i, spec in enumerate(specs):
-        if size and size + spec[-1] > bucket_bytes:
-            out.append((first, i))
-            first, size = i, 0
-        size += spec[-1]
-    if first < len(specs):
-        out.append((first, len(specs)))
+        nbytes = spec[-1]
+        if nbytes >= DIRECT_BYTES:
+            if first is not None:
+                out.append((first, i, False))
+                first, size = None, 0
+            out.append((i, i + 1, True))
+            continue
+        if first is not None and size + nbytes > bucket_bytes:
+            out.append((first, i, False))
+            first, size = None, 0
+        first = i if first is None else first
+        size += nbytes
+    if first is not None:
+        out.append((first, len(specs), False))
     return out
 
 
-def _bucket_bytes(specs, span) -> int:
-    return sum(s[-1] for s in specs[span[0]:span[1]])
+def _nbytes(specs) -> int:
+    return sum(s[-1] for s in specs)
 
 
 class WireSender:
-    """Sends this rank's owned slices, in buckets, to receivers that rebuild full tensors (vLLM's
-    workers: parallel.reshard.receive). Each byte leaves its owner once per receiver; nothing is
-    gathered. At most `window` buckets are staged at a time."""
+    """Sends this rank's owned slices to receivers that rebuild full tensors (vLLM's workers:
+    parallel.reshard.receive). Each byte leaves its owner once per receiver; nothing is gathered;
+    large slices go straight from the parameters, small ones through one reused staging buffer."""
 
-    def __init__(self, pieces: list[Piece], bucket_bytes: int = 64 << 20, window: int = 2):
+    def __init__(self, pieces: list[Piece], bucket_bytes: int = 16 << 20):
         self.pieces = [p for p in pieces if p.owner and p.length]
         self.specs = wire_specs(self.pieces)
-        self.spans = buckets(self.specs, bucket_bytes)
-        self.window = window
+        self.plan = messages(self.specs, bucket_bytes)
+        packed = sum(_nbytes(self.specs[a:b]) for a, b, direct in self.plan if not direct)
+        device = self.pieces[0].tensor.device if self.pieces else torch.device("cpu")
+        self.staging = torch.empty(packed, dtype=torch.uint8, device=device)
         self.last_bytes = 0
 
     def send(self, link, dsts: list[int]) -> int:
-        """Send every bucket to every group rank in dsts; returns the bytes this rank put on the wire.
+        """Send every message to every group rank in dsts; returns the bytes this rank put on the wire.
         Blocks until the receivers have taken them (they post their receives before waiting)."""
-        device = self.pieces[0].tensor.device if self.pieces else torch.device("cpu")
-        staged: list[tuple[torch.Tensor, list]] = []
-        sent = 0
-        for tag, (first, end) in enumerate(self.spans):
-            if len(staged) == self.window:
-                for work in staged.pop(0)[1]:
-                    work.wait()
-            buf = torch.empty(_bucket_bytes(self.specs, (first, end)), dtype=torch.uint8, device=device)
-            at = 0
-            for p in self.pieces[first:end]:
-                n = p.tensor.numel() * p.tensor.element_size()
-                buf[at:at + n].view(p.tensor.dtype).view(p.tensor.shape).copy_(p.tensor)
-                at += n
-            staged.append((buf, [link.send(buf, d, tag) for d in dsts]))
-            sent += buf.numel() * len(dsts)
-        for _, works in staged:
-            for work in works:
-                work.wait()
+        works, sent, at = [], 0, 0
+        for tag, (first, end, direct) in enumerate(self.plan):
+            if direct:
+                buf = self.pieces[first].tensor.contiguous()
+            else:
+                buf = self.staging[at:at + _nbytes(self.specs[first:end])]
+                at += buf.numel()
+                off = 0
+                for p in self.pieces[first:end]:
+                    n = p.tensor.numel() * p.tensor.element_size()
+                    buf[off:off + n].view(p.tensor.dtype).view(p.tensor.shape).copy_(p.tensor)
+                    off += n
+            works += [link.send(buf, d, tag) for d in dsts]
+            sent += buf.numel() * buf.element_size() * len(dsts)
+        for work in works:
+            work.wait()
         self.last_bytes = sent
         return sent
 
 
 def receive(link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, full: dict[str, torch.Tensor],
-            device=None) -> int:
-    """Receive every sender's buckets ((group rank, wire_specs) each) and place the slices into `full`
-    (name -> full tensor); returns the bytes received. All receives are posted before any wait, so the
-    senders' windows never stall on the order this side happens to drain them."""
-    posted = []
+            device=None, counter: list | None = None):
+    """Receive every sender's messages ((group rank, wire_specs) each) into `full` (name -> full
+    tensor), yielding (name, tensor) as soon as a tensor's last slice has landed, so a consumer (vLLM's
+    layerwise `reload_weights`) works while later messages are still on the wire. A direct message
+    lands in place when its destination is contiguous. All receives are posted before any wait, so
+    no sender stalls on the order they are drained. `counter[0]` gets the bytes received."""
+    def place(name, dim, start, length):
+        return full[name] if dim is None else full[name].narrow(dim, start, length)
+
+    posted, missing = [], {}
     for src, specs in senders:
-        for tag, span in enumerate(buckets(specs, bucket_bytes)):
-            buf = torch.empty(_bucket_bytes(specs, span), dtype=torch.uint8, device=device)
-            posted.append((link.recv(buf, src, tag), buf, specs[span[0]:span[1]]))
+        for tag, (first, end, direct) in enumerate(messages(specs, bucket_bytes)):
+            dst = place(*_where(specs[first])) if direct else None
+            in_place = dst is not None and dst.is_contiguous()
+            into = dst if in_place else torch.empty(_nbytes(specs[first:end]), dtype=torch.uint8, device=device)
+            posted.append((tag, src, link.recv(into, src, tag), into, specs[first:end], in_place))
+            for spec in specs[first:end]:
+                missing[spec[0]] = missing.get(spec[0], 0) + 1
     got = 0
-    for work, buf, specs in posted:
+    for _, _, work, into, specs, in_place in sorted(posted, key=lambda x: (x[0], x[1])):  # tensors complete early
         work.wait()
         at = 0
-        for name, dtype, shape, dim, start, length, nbytes in specs:
-            dst = full[name] if dim is None else full[name].narrow(dim, start, length)
-            dst.copy_(buf[at:at + nbytes].view(getattr(torch, dtype)).view(dst.shape))
+        for spec in specs:
+            name, dtype, nbytes = spec[0], spec[1], spec[-1]
+            if not in_place:
+                dst = place(*_where(spec))
+                dst.copy_(into[at:at + nbytes].view(getattr(torch, dtype)).view(dst.shape))
             at += nbytes
-        got += buf.numel()
-    return got
+            missing[name] -= 1
+            if not missing[name]:
+                yield name, full[name]
+        got += into.numel() * into.element_size()
+    if counter is not None:
+        counter[:] = [got]
+
+
+def _where(spec) -> tuple:
+    name, _, _, dim, start, length, _ = spec
+    return name, dim, start, length
