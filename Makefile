@@ -33,7 +33,7 @@ demo-dpo: $(STAMP)
 	$(VENV)/bin/trident dpo --config tools/configs/demo_dpo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -54,23 +54,27 @@ def shared_file_with_adoption(rank, world, cfg, tp, dtype):
     return out
 
 
-def vllm_after_network_sync(rank, world, cfg, prompts, tp_gen, engines):
-    """TP2 x PP2 into `engines` colocated engines at TP `tp_gen`, no shared memory: greedy and sampled
-    output after an update, and the bytes each rank sent and each engine received."""
+def vllm_after_network_sync(rank, world, cfg, prompts, layouts):
+    """TP2 x PP2 into colocated engines, no shared memory, for each (engines, tp_gen) in turn: greedy
+    and sampled output after an update, and the bytes each rank sent and each engine received."""
     state = build_state(rank, 2, 2, world // 4, torch.device("cpu"))
     chunks = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=2, pp=2), state, torch.float32)
-    vllm = VLLMRollout(chunks, 2, max_model_len=cfg.max_position_embeddings, tp_gen=tp_gen, engines=engines,
-                       transfer="network", bucket_mb=1)
-    try:
-        first = vllm.last_sync_bytes
-        for c in chunks:  # an "update": new weights everywhere, then the in-place sync
-            load_into(c, RandomSource(cfg, seed=1))
-        seconds = vllm.sync(chunks)
-        greedy = vllm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
-        sampled = vllm.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
-        return {"responses": greedy.responses, "sampled": sampled.responses, "logprobs": sampled.logprobs,
-                "sent": vllm.last_sync_bytes, "first_sent": first, "received": vllm.last_engine_bytes,
-                "owned": sum(s[-1] for s in vllm.sender.specs), "host": vllm.engine is not None,
-                "transfer": vllm.transfer, "sync_s": seconds}
-    finally:
-        vllm.close()
+    results = []
+    for engines, tp_gen in layouts:
+        for c in chunks:
+            load_into(c, RandomSource(cfg, seed=0))
+        vllm = VLLMRollout(chunks, 2, max_model_len=cfg.max_position_embeddings, tp_gen=tp_gen, engines=engines,
+                           transfer="network", bucket_mb=1)
+        try:
+            for c in chunks:  # an "update": new weights everywhere, then the in-place sync
+                load_into(c, RandomSource(cfg, seed=1))
+            seconds = vllm.sync(chunks)
+            greedy = vllm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+            sampled = vllm.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
+            results.append({"responses": greedy.responses, "sampled": sampled.responses, "logprobs": sampled.logprobs,
+                            "sent": vllm.last_sync_bytes, "received": vllm.last_engine_bytes,
+                            "owned": sum(s[-1] for s in vllm.sender.specs), "host": vllm.engine is not None,
+                            "transfer": vllm.transfer, "sync_s": seconds})
+        finally:
+            vllm.close()
+    return results

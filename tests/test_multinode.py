@@ -48,8 +48,8 @@ def test_separate_engine_on_another_node_equals_one_node(actor, tmp_path):
 ])
 def test_dead_or_stalled_engine_ends_the_run_naming_it(actor, tmp_path, fault, expect):
     codes, out, seconds = run_nodes(_args(actor, tmp_path / "run", 4, "--rollout.placement=separate",
-                                          "--rollout.timeout_s=15"),
+                                          "--rollout.timeout_s=8"),
                                     env={**fault, "TRIDENT_CRASH_RANK": "1"}, timeout=300)
     assert all(c != 0 for c in codes), out[-3000:]
     assert expect in out, out[-3000:]
-    assert seconds < 120  # bounded: the engine start (~20 s), two steps, one 15 s timeout
+    assert seconds < 120  # bounded: the engine start (~20 s), two steps, one 8 s timeout
