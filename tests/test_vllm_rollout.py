@@ -53,26 +53,6 @@ def test_vllm_after_sync_matches_native_greedy_and_logprobs():
         vllm.close()
 
 
-@pytest.mark.parametrize("tp_gen", [1])  # vLLM at TP2 after a sync: the network test below
-def test_reshard_from_tp2_pp2_to_vllm_matches_native_greedy(tp_gen):
-    from tests import reshard_workers
-    from tests.distributed import run_ranks
-    cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 3, 8)]
-    ranks = run_ranks(4, reshard_workers.vllm_greedy_after_reshard, cfg, prompts, tp_gen, timeout=900)
-    model = Transformer(cfg, ParallelState())
-    load_into(model, RandomSource(cfg, seed=1))
-    native = NativeRollout(model, EOS, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
-    for r in ranks:
-        assert r["responses"] == native.responses
-    written = [r["bytes"] for r in ranks]
-    # every byte of the model written exactly once, each by the rank that holds it
-    print(json.dumps({"tp_gen": tp_gen, "bytes_per_rank": written, "model_bytes": ranks[0]["model_bytes"]}))
-    assert sum(written) == ranks[0]["model_bytes"]
-
-
 def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
     """The whole PPO step (vLLM rollout after a reshard, pipelined scoring, actor and critic in one
     shared schedule, a sequence-level loss aggregation with clip-higher and a KL loss) at TP2 x PP2
@@ -108,22 +88,29 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
         [{k: v for k, v in x.items() if not k.endswith(timing)} for x in one[1:]]
 
 
-def test_network_sync_from_tp2_pp2_without_shared_memory():
-    """TP2 x PP2 training sends its slices over gloo (no shared-memory file) into 2 engines at TP1, then
-    1 at TP2: greedy output equals the native sampler's, sampled log-probs the trainer's recompute,
-    and every rank sends only what it owns, once per engine worker."""
+def test_reshard_from_tp2_pp2_through_shared_memory_and_over_the_network():
+    """TP2 x PP2 training into vLLM: through the shared file at TP1 (each byte written once, by its
+    owner), then over gloo with no shared memory into 2 engines at TP1 and into 1 at TP2. Greedy
+    output equals the native sampler's, sampled log-probs the trainer's recompute, and every rank
+    sends only what it owns, once per engine worker."""
     from tests import reshard_workers
     from tests.distributed import run_ranks
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 3, 8, 4)]
-    layouts = [(2, 1), (1, 2)]
+    layouts = [(1, 1, "shm"), (2, 1, "network"), (1, 2, "network")]
     per_rank = run_ranks(4, reshard_workers.vllm_after_network_sync, cfg, prompts, layouts, timeout=900)
     model = Transformer(cfg, ParallelState())
     load_into(model, RandomSource(cfg, seed=1))
     native = NativeRollout(model, EOS, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
-    for i, (engines, tp_gen) in enumerate(layouts):
+    shm = [r[0] for r in per_rank]
+    for r in shm:
+        assert r["responses"] == native.responses and r["transfer"] == "shm"
+    # the shared file: every byte of the model written exactly once, each by the rank that holds it
+    print(json.dumps({"transfer": "shm", "bytes_per_rank": [r["sent"] for r in shm], "model_bytes": shm[0]["model_bytes"]}))
+    assert sum(r["sent"] for r in shm) == shm[0]["model_bytes"]
+    for i, (engines, tp_gen, _) in enumerate(layouts[1:], 1):
         ranks = [r[i] for r in per_rank]
         worst = 0.0
         for p, r, lp in zip(prompts, ranks[0]["sampled"], ranks[0]["logprobs"]):
