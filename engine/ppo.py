@@ -20,13 +20,14 @@ from engine import rl_math, train_state
 from engine.build import build_handle, check_parallel, check_precision, with_value_head
 from engine.config import parse_run_args
 from engine.data import load_prompts
-from engine.errors import ConfigError, RunFailed
+from engine.errors import ConfigError
 from engine.experience import (actor_forward_step, build_experience, critic_forward_step, gather_out,
                                last_value_step, logprob_step, pad_rows, ptx_batches, ptx_forward_step, value_step)
 from engine.ppo_config import (AlgoConfig, EvalConfig, PPOConfig, RolloutConfig, check_config,  # noqa: F401
                                check_placement)
 from engine.reward import rule_scores
-from engine.rollout import VLLMRollout, abort_on_error, make_rollout
+from engine.engine_ranks import abort_on_error
+from engine.rollout import VLLMRollout, make_rollout
 from engine.run_log import RunLog
 from engine.sampler import SamplingParams
 from engine.tokenizer import check_vocab, load_tokenizer
@@ -409,13 +410,6 @@ def summary(cfg: PPOConfig, history: list[dict]) -> dict:
     return {**out, "out_dir": cfg.out_dir}
 
 
-def ray_rank(argv: list[str]) -> dict | None:
-    """One rank under `--launcher ray` (parallel/launch_ray.py): the run, and rank 0's summary."""
-    cfg = parse_run_args(PPOConfig, argv, "trident ppo", "PPO for RLHF.")
-    history = ppo(cfg)
-    return summary(cfg, history) if int(os.environ.get("RANK", "0")) == 0 else None
-
-
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -427,27 +421,9 @@ def main(argv: list[str]) -> int:
     cfg = parse_run_args(PPOConfig, argv, "trident ppo", "PPO for RLHF. With --launcher ray --ranks N [--ray-address "
                          "HOST:PORT] every rank is a Ray actor (placement groups for the trainers and the engines).")
     if known.launcher == "ray":
-        return _launch_on_ray(cfg, argv, known.ranks, known.ray_address)
+        from engine.ppo_ray import launch_on_ray
+        return launch_on_ray(cfg, argv, known.ranks, known.ray_address)
     history = ppo(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary(cfg, history)))
-    return 0
-
-
-def _launch_on_ray(cfg: PPOConfig, argv: list[str], ranks: int, address: str | None) -> int:
-    if ranks < 1:
-        raise ConfigError(f"--ranks must be >= 1, got {ranks}")
-    check_config(cfg)
-    spare = check_placement(cfg, ranks)  # before any actor starts
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise ConfigError("--launcher ray needs Ray (pip install .[ray])") from None
-    from parallel import launch_ray
-    try:
-        results = launch_ray.run("engine.ppo:ray_rank", (argv,), [("trainer", ranks - spare), ("rollout", spare)],
-                                 gpus_per_rank=1 if torch.cuda.is_available() else 0, address=address)
-    except launch_ray.RankDied as err:
-        raise RunFailed(str(err)) from None
-    print(json.dumps(results[0]))
     return 0

@@ -11,15 +11,14 @@ on every rank.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.sampler import SamplingParams, generate
+from engine.engine_ranks import host_address, use_engine_devices, watch
 from engine.vllm_engine import VLLMEngine, vllm_available  # noqa: F401 (public name)
 from engine.weights import adopt_parameters, local_pieces
 from parallel import comm
@@ -123,13 +122,13 @@ class VLLMRollout:
         self = cls.__new__(cls)
         self.state, self.timeout_s, self.transfer = None, timeout_s, "network"
         self.place = Placement(engines, tp_gen, job.trainers, True)
-        _watch(job.store, job.rank)
+        watch(job.store, job.rank)
         self._init_common(job)
         start = json.loads(self.store.get("trident/engine_start"))
         self.eos_id, self.per, self.dp = start.pop("eos_id"), start.pop("per"), start.pop("dp")
         self.bucket_bytes = start.pop("bucket_bytes")
         if self.rank in self.place.hosts:
-            _use_engine_devices(tp_gen)
+            use_engine_devices(tp_gen)
             self.engine = self._start_host(start)
         self.worker_frozen_objects = self.engine.worker_frozen_objects if self.engine else []
         return self
@@ -142,6 +141,7 @@ class VLLMRollout:
         self.engine_seconds = 0.0
         self.pending = self.ready = self._made = None
         self._links: dict[int, comm.Link] = {}
+        self._senders = None
 
     # ---- set-up ----------------------------------------------------------------------------------
 
@@ -231,8 +231,10 @@ class VLLMRollout:
         if self.engine is not None:  # the RPC blocks until the workers have it all: our own sends go meanwhile
             from concurrent.futures import ThreadPoolExecutor
             e = self.place.hosts.index(self.rank)
-            senders = [(self.place.tp_gen + i, json.loads(self.store.get(f"trident/specs/{r}")))
-                       for i, r in enumerate(self._replica(e))]
+            if self._senders is None:  # what each sender sends never changes: read it once
+                self._senders = [(self.place.tp_gen + i, json.loads(self.store.get(f"trident/specs/{r}")))
+                                 for i, r in enumerate(self._replica(e))]
+            senders = self._senders
             addr, port = json.loads(self.store.get(f"trident/engine/{e}"))
             self._pool = self._pool or ThreadPoolExecutor(1)
             receiving = self._pool.submit(self.engine.receive, addr, port, f"trident/sync/{e}",
@@ -388,76 +390,6 @@ class VLLMRollout:
             self._pool.shutdown()
         if self.target is not None:
             self.target.close()
-
-
-ABORT_KEY = "trident/abort"
-
-
-@contextlib.contextmanager
-def abort_on_error(job, rank: int):
-    """On a trainer's error, tell a separate engine's ranks (their watchdogs) that the run is over, and why."""
-    try:
-        yield
-    except BaseException as err:
-        if job is not None:
-            try:
-                job.store.set(ABORT_KEY, f"trainer rank {rank} failed: {type(err).__name__}: {err}"[:2000])
-            except Exception:  # the store went down with whoever hosted it: the watchdogs see that too
-                pass
-        raise
-
-
-def _watch(store, rank: int, every_s: float = 2.0) -> None:
-    """A separate engine's rank ends itself once the trainers abort or their store is gone, even if it
-    is stuck inside vLLM: a launcher only stops the ranks of its own node, so nothing else would."""
-    import sys
-    import threading
-
-    def loop():
-        while True:
-            time.sleep(every_s)
-            try:
-                if not store.check([ABORT_KEY]):
-                    continue
-                why = store.get(ABORT_KEY).decode()
-            except Exception as err:
-                why = f"lost the trainers' store ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-            print(f"rollout engine rank {rank}: the run ended: {why}", file=sys.stderr, flush=True)
-            _kill_children()  # vLLM's engine and workers, which would outlive this process
-            os._exit(1)
-
-    threading.Thread(target=loop, name="trident-engine-watchdog", daemon=True).start()
-
-
-def _kill_children() -> None:
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-
-
-def _use_engine_devices(tp_gen: int) -> None:
-    """A separate engine's host on a GPU node drives the devices of its block of ranks."""
-    if torch.cuda.is_available() and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        first = int(os.environ.get("LOCAL_RANK", "0"))
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(tp_gen))
-
-
-def host_address() -> str:
-    """This host's address as the other hosts of the job reach it: the interface routing to MASTER_ADDR
-    (127.0.0.1 when the job is on one host, or alone)."""
-    import socket
-
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((master, 1))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
 
 
 def _transfer_mode(transfer: str, place: Placement, group) -> str:

@@ -182,10 +182,6 @@ class Link:
         """Start receiving into t from group rank src; returns the work to `.wait()` on."""
         return self.pg.recv([t], src, tag)
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            self.pg.barrier().wait()
-
 
 # ---- autograd region ops ---------------------------------------------------------------------------
 
