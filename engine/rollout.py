@@ -20,6 +20,7 @@ import torch
 from engine.sampler import SamplingParams, generate
 from engine.engine_ranks import host_address, use_engine_devices, watch
 from engine.vllm_engine import VLLMEngine, vllm_available  # noqa: F401 (public name)
+from engine.vllm_worker import vllm_tp_shards
 from engine.weights import adopt_parameters, local_pieces
 from parallel import comm
 from parallel.reshard import SharedTarget, WireSender
@@ -92,6 +93,7 @@ class VLLMRollout:
         self.transfer = _transfer_mode(transfer, self.place, self._group())
         hf_cfg = chunks[0].cfg.to_hf()
         hf_cfg["torch_dtype"] = str(chunks[0].dtype).removeprefix("torch.")
+        self.hf_cfg = hf_cfg
         start = dict(hf_cfg=hf_cfg, max_model_len=max_model_len, tp_gen=tp_gen, enforce_eager=enforce_eager,
                      cpu_reserve=cpu_reserve, log_level=log_level)
         if self.transfer == "shm":
@@ -106,6 +108,8 @@ class VLLMRollout:
                 self.engine = VLLMEngine(weights=self.target.tensors(), **start)
         else:
             self.sender = WireSender(local_pieces(chunks), self.bucket_bytes)
+            # each engine worker is sent only the shard of each tensor that it reads
+            self._needs = vllm_tp_shards(hf_cfg, tp_gen, [spec[0] for spec in self.sender.specs])
             self.store.set(f"trident/specs/{self.rank}", json.dumps(self.sender.specs))
             if job is not None and self.rank == 0:
                 self.store.set("trident/engine_start", json.dumps({**start, "eos_id": eos_id, "per": self.per,
@@ -127,6 +131,7 @@ class VLLMRollout:
         start = json.loads(self.store.get("trident/engine_start"))
         self.eos_id, self.per, self.dp = start.pop("eos_id"), start.pop("per"), start.pop("dp")
         self.bucket_bytes = start.pop("bucket_bytes")
+        self.hf_cfg = start["hf_cfg"]
         if self.rank in self.place.hosts:
             use_engine_devices(tp_gen)
             self.engine = self._start_host(start)
@@ -234,17 +239,20 @@ class VLLMRollout:
             if self._senders is None:  # what each sender sends never changes: read it once
                 self._senders = [(self.place.tp_gen + i, json.loads(self.store.get(f"trident/specs/{r}")))
                                  for i, r in enumerate(self._replica(e))]
+                self._engine_needs = vllm_tp_shards(self.hf_cfg, self.place.tp_gen,
+                                                    {spec[0] for _, specs in self._senders for spec in specs})
             senders = self._senders
             addr, port = json.loads(self.store.get(f"trident/engine/{e}"))
             self._pool = self._pool or ThreadPoolExecutor(1)
             receiving = self._pool.submit(self.engine.receive, addr, port, f"trident/sync/{e}",
-                                          self.place.tp_gen + len(senders), senders, self.bucket_bytes, self.timeout_s)
+                                          self.place.tp_gen + len(senders), senders, self.bucket_bytes, self.timeout_s,
+                                          self._engine_needs)
         sent = 0
         if self.rank < self.place.trainers:
             for e in range(self.place.engines):
                 if self.rank in self._replica(e):
                     try:
-                        sent += self.sender.send(self._transfer_link(e), list(range(self.place.tp_gen)))
+                        sent += self.sender.send(self._transfer_link(e), list(range(self.place.tp_gen)), self._needs)
                     except RuntimeError as err:
                         raise RuntimeError(f"weight transfer to rollout engine {e} failed (rank {self.rank}, "
                                            f"timeout {self.timeout_s:.0f} s): {str(err).splitlines()[0]}") from None

@@ -26,6 +26,34 @@ class _RotaryReloadNotice(logging.Filter):
         return not ("RotaryEmbedding" in message and "Failed to load weights" in message)
 
 
+def vllm_tp_shards(hf_cfg: dict, tp: int, names) -> list[dict] | None:
+    """What each of an engine's tp workers reads of the full HF tensors `names` in vLLM's Llama
+    loaders: name -> (dim, start, length), one dict per worker (a name not in it is read whole); None
+    at TP 1. Column-parallel
+    weights (q, k, v, gate, up and their biases) split rows, row-parallel ones (o, down) columns; KV
+    heads fewer than tp are replicated (worker r reads head r // (tp / kv_heads)); the vocabulary is
+    padded to a multiple of 64 and split in equal ranges (vocab_parallel_embedding.py)."""
+    if tp == 1:
+        return None
+    h, heads = hf_cfg["hidden_size"], hf_cfg["num_attention_heads"]
+    kv, hd = hf_cfg.get("num_key_value_heads", heads), hf_cfg.get("head_dim") or h // heads
+    ffn, vocab = hf_cfg["intermediate_size"], hf_cfg["vocab_size"]
+    per_vocab = -(-vocab // 64) * 64 // tp
+    out = []
+    for r in range(tp):
+        kv_rows = (hd, (r // (tp // kv)) * hd) if tp >= kv else (kv // tp * hd, r * kv // tp * hd)
+        lo = min(r * per_vocab, vocab)
+        rows = {"q_proj": (heads // tp * hd, r * heads // tp * hd), "k_proj": kv_rows, "v_proj": kv_rows,
+                "gate_proj": (ffn // tp, r * ffn // tp), "up_proj": (ffn // tp, r * ffn // tp)}
+        need = {"embed_tokens.weight": (0, lo, min(lo + per_vocab, vocab) - lo),
+                "lm_head.weight": (0, lo, min(lo + per_vocab, vocab) - lo),
+                "o_proj.weight": (1, r * h // tp, h // tp), "down_proj.weight": (1, r * ffn // tp, ffn // tp)}
+        for proj, (n, start) in rows.items():
+            need[f"{proj}.weight"] = need[f"{proj}.bias"] = (0, start, n)
+        out.append({name: need[key] for name in names if (key := ".".join(name.split(".")[-2:])) in need})
+    return out
+
+
 class WeightSyncExtension:
     def trident_freeze_heap(self) -> int:
         """Take the worker's start-up objects (model, compiled graphs, caches) out of Python's full
@@ -56,11 +84,11 @@ class WeightSyncExtension:
         return len(tensors)
 
     def trident_receive(self, addr: str, port: int, prefix: str, rank: int, size: int, senders: list,
-                        bucket_bytes: int, timeout_s: float) -> int:
+                        bucket_bytes: int, timeout_s: float, needs: list | None = None) -> int:
         """Reload from the owners' slices sent over the network (parallel.reshard.WireSender): join the
         engine's transfer group once, receive into full tensors this worker keeps, reload from them.
-        `senders` is [(group rank, wire specs)]; this worker is group rank `rank` + its rank in vLLM.
-        Returns the bytes received."""
+        `senders` is [(group rank, wire specs)]; this worker is group rank `rank` + its rank in vLLM
+        and takes only what needs[its rank] says it reads (vllm_tp_shards). Returns the bytes received."""
         from parallel import comm, reshard
 
         cache = self.__dict__.setdefault("_trident_wire", {})
@@ -77,7 +105,9 @@ class WeightSyncExtension:
         link, full, device = cache[prefix]
         got = [0]
         # tensors reach the layerwise reload as their last slice lands: loading overlaps the transfer
-        arriving = reshard.receive(link, senders, bucket_bytes, full, device, got)
+        mine = needs[self.rank] if needs else None
+        arriving = reshard.receive(link, [(src, reshard.cut(specs, mine)) for src, specs in senders], bucket_bytes,
+                                   full, device, got)
         self.model_runner.reload_weights(weights_iterator=arriving, is_checkpoint_format=True)
         for _ in arriving:  # every posted receive completes, whatever the reload took
             pass

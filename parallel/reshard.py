@@ -12,6 +12,7 @@ caller (engine/weights.py) builds them from its layout table, so nothing here kn
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -175,37 +176,83 @@ def _nbytes(specs) -> int:
     return sum(s[-1] for s in specs)
 
 
+def _cuts(specs: list[tuple], need: dict | None):
+    """(spec, index of the sender's piece, start within it) for what a receiver reads of each piece.
+    `need` maps a tensor's name to the (dim, start, length) slab of the full tensor the receiver reads
+    (a tensor-parallel worker's shard); a name not in it is read whole. A piece owned along that dim
+    is cut to the overlap, and one that overlaps nothing is not sent; a whole piece is cut to the slab;
+    a piece owned along another dim goes whole (Megatron and vLLM split the same dims, so only a
+    foreign layout pays for that)."""
+    for i, spec in enumerate(specs):
+        name, dtype, shape, dim, start, length, nbytes = spec
+        if not need or name not in need or (dim is not None and dim != need[name][0]):
+            yield spec, i, None
+            continue
+        d, lo, n = need[name]
+        first, end = (lo, lo + n) if dim is None else (max(start, lo), min(start + length, lo + n))
+        if first < end:
+            extent = shape[d] if dim is None else length
+            yield ((name, dtype, shape, d, first, end - first, nbytes // extent * (end - first)), i,
+                   first - (0 if dim is None else start))
+
+
+def cut(specs: list[tuple], need: dict | None) -> list[tuple]:
+    """The wire specs of what a receiver with this `need` takes of one sender's pieces (_cuts)."""
+    return [spec for spec, _, _ in _cuts(specs, need)]
+
+
 class WireSender:
     """Sends this rank's owned slices to receivers that rebuild full tensors (vLLM's workers:
-    parallel.reshard.receive). Each byte leaves its owner once per receiver; nothing is gathered;
-    large slices go straight from the parameters, small ones through one reused staging buffer."""
+    parallel.reshard.receive), each receiver only the parts it reads. Each byte leaves its owner once
+    per receiver that reads it; nothing is gathered; large slices go straight from the parameters,
+    small ones through a reused staging buffer per distinct need."""
 
     def __init__(self, pieces: list[Piece], bucket_bytes: int = 16 << 20):
         self.pieces = [p for p in pieces if p.owner and p.length]
         self.specs = wire_specs(self.pieces)
-        self.plan = messages(self.specs, bucket_bytes)
-        packed = sum(_nbytes(self.specs[a:b]) for a, b, direct in self.plan if not direct)
-        device = self.pieces[0].tensor.device if self.pieces else torch.device("cpu")
-        self.staging = torch.empty(packed, dtype=torch.uint8, device=device)
+        self.bucket_bytes = bucket_bytes
+        self._plans: dict[str, tuple] = {}
         self.last_bytes = 0
 
-    def send(self, link, dsts: list[int]) -> int:
-        """Send every message to every group rank in dsts; returns the bytes this rank put on the wire.
-        Blocks until the receivers have taken them (they post their receives before waiting)."""
-        works, sent, at = [], 0, 0
-        for tag, (first, end, direct) in enumerate(self.plan):
-            if direct:
-                buf = self.pieces[first].tensor.contiguous()
-            else:
-                buf = self.staging[at:at + _nbytes(self.specs[first:end])]
-                at += buf.numel()
-                off = 0
-                for p in self.pieces[first:end]:
-                    n = p.tensor.numel() * p.tensor.element_size()
-                    buf[off:off + n].view(p.tensor.dtype).view(p.tensor.shape).copy_(p.tensor)
-                    off += n
-            works += [link.send(buf, d, tag) for d in dsts]
-            sent += buf.numel() * buf.element_size() * len(dsts)
+    def _plan(self, need: dict | None) -> tuple[list, list, list, torch.Tensor]:
+        """The cut specs, their tensors, messages and staging buffer for one need (made once)."""
+        key = json.dumps(need, sort_keys=True)
+        if key not in self._plans:
+            cuts = list(_cuts(self.specs, need))
+            specs = [spec for spec, _, _ in cuts]
+            parts = [self.pieces[i].tensor if at is None else self.pieces[i].tensor.narrow(spec[3], at, spec[5])
+                     for spec, i, at in cuts]
+            plan = messages(specs, self.bucket_bytes)
+            packed = sum(_nbytes(specs[a:b]) for a, b, direct in plan if not direct)
+            device = self.pieces[0].tensor.device if self.pieces else torch.device("cpu")
+            self._plans[key] = (specs, parts, plan, torch.empty(packed, dtype=torch.uint8, device=device))
+        return self._plans[key]
+
+    def send(self, link, dsts: list[int], needs: list[dict | None] | None = None) -> int:
+        """Send group rank dsts[k] what needs[k] reads (everything without needs); returns the bytes
+        this rank put on the wire. Blocks until the receivers have taken them (they post their
+        receives before waiting)."""
+        groups: dict[str, tuple] = {}  # receivers that read the same get the same packed messages
+        for k, dst in enumerate(dsts):
+            need = needs[k] if needs else None
+            groups.setdefault(json.dumps(need, sort_keys=True), (need, []))[1].append(dst)
+        works, sent = [], 0
+        for need, group in groups.values():
+            specs, parts, plan, staging = self._plan(need)
+            at = 0
+            for tag, (first, end, direct) in enumerate(plan):
+                if direct:
+                    buf = parts[first].contiguous()
+                else:
+                    buf = staging[at:at + _nbytes(specs[first:end])]
+                    at += buf.numel()
+                    off = 0
+                    for part in parts[first:end]:
+                        n = part.numel() * part.element_size()
+                        buf[off:off + n].view(part.dtype).view(part.shape).copy_(part)
+                        off += n
+                works += [link.send(buf, dst, tag) for dst in group]
+                sent += buf.numel() * buf.element_size() * len(group)
         for work in works:
             work.wait()
         self.last_bytes = sent

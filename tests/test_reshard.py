@@ -41,3 +41,54 @@ def test_vllm_cpu_binding_shares_the_cores_and_leaves_the_environment_alone(monk
         assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"  # the user's setting wins
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # the next engine (another TP size) sets its own
+
+
+def test_each_receiver_is_sent_only_the_shard_it_reads():
+    """WireSender to reshard.receive over one gloo link (four threads of this process): two training
+    ranks own row halves of W and A and column halves of B, and the norm N and embedding E whole; two
+    receivers (vLLM TP workers) read row and column ranges that straddle the owners' cut. What each
+    receiver reads equals the full tensor there, and it was sent the overlaps only, by their owners."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from parallel import comm
+    from parallel.reshard import Piece, WireSender, cut, receive, wire_specs
+
+    g = torch.Generator().manual_seed(0)
+    full = {n: torch.randn(*s, generator=g) for n, s in
+            (("W", (512, 512)), ("A", (8, 6)), ("B", (6, 8)), ("N", (6,)), ("E", (10, 6)))}
+    owned = [{"W": (0, 0, 256), "A": (0, 0, 4), "B": (1, 0, 4), "N": None},
+             {"W": (0, 256, 256), "A": (0, 4, 4), "B": (1, 4, 4), "E": None}]
+    needs = [{"W": (0, 0, 384), "A": (0, 0, 5), "B": (1, 0, 4), "E": (0, 0, 6)},
+             {"W": (0, 384, 128), "A": (0, 5, 3), "B": (1, 4, 4), "E": (0, 6, 4)}]
+    pieces = [[Piece(n, tuple(full[n].shape), None, 0, full[n].shape[0], full[n]) if at is None else
+               Piece(n, tuple(full[n].shape), *at, full[n].narrow(*at).clone()) for n, at in mine.items()]
+              for mine in owned]
+    specs = [wire_specs(p) for p in pieces]
+    # a piece owned along another dim than the one read goes whole; one outside the read range not at all
+    assert cut(specs[0], {"A": (1, 0, 3)}) == specs[0]
+    assert [s[0] for s in cut(specs[1], {"W": (0, 0, 256), "A": (0, 0, 4)})] == ["B", "E"]
+
+    store = comm.tcp_store("127.0.0.1", 0, host=True, timeout_s=60)
+
+    def member(rank):
+        link = comm.Link(comm.tcp_store("127.0.0.1", store.port, host=False, timeout_s=60), "t", rank, 4, 60)
+        if rank >= 2:  # a training rank
+            return WireSender(pieces[rank - 2], bucket_bytes=1 << 10).send(link, [0, 1], needs)
+        into = {n: torch.zeros_like(t) for n, t in full.items()}
+        got = [0]
+        done = [n for n, _ in receive(link, [(2 + s, cut(specs[s], needs[rank])) for s in (0, 1)], 1 << 10, into,
+                                      counter=got)]
+        return into, done, got[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        *sent, r0, r1 = [f.result(timeout=120) for f in [pool.submit(member, r) for r in (2, 3, 0, 1)]]
+    received = [r0, r1]
+    for need, (into, done, got) in zip(needs, received):
+        assert sorted(done) == sorted(full)
+        for n, t in full.items():
+            at = need.get(n)
+            assert torch.equal(into[n] if at is None else into[n].narrow(*at), t if at is None else t.narrow(*at)), n
+        assert got == 4 * sum(full[n].narrow(*need[n]).numel() if n in need else full[n].numel() for n in full)
+    assert sum(sent) == sum(got for _, _, got in received)

@@ -92,7 +92,7 @@ def test_reshard_from_tp2_pp2_over_the_network():
     """TP2 x PP2 training into vLLM over gloo with no shared memory, into 2 engines at TP1 and into 1 at
     TP2 (the shared file from TP2 x PP2 is test_ppo_tp2_pp2_with_vllm_matches_one_rank's path). Greedy
     output equals the native sampler's, sampled log-probs the trainer's recompute, and every rank
-    sends only what it owns, once per engine worker."""
+    sends only what it owns, to each engine worker only the shard that worker reads."""
     from tests import reshard_workers
     from tests.distributed import run_ranks
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
@@ -123,6 +123,10 @@ def test_reshard_from_tp2_pp2_over_the_network():
             assert r["responses"] == native.responses
             assert r["sampled"] == ranks[0]["sampled"]
         assert worst < 1e-3
-        # each rank sends what it owns to every worker of every engine, nothing more
-        assert sent == [r["owned"] * engines * tp_gen for r in ranks]
-        assert received == [model_bytes * tp_gen] * engines
+        # each engine worker gets its shard of every tensor and the norms whole (nothing else is
+        # replicated here: 2 KV heads, vocab 300 in vLLM's padded halves [0, 160) and [160, 300))
+        norm_bytes = (2 * cfg.num_layers + 1) * cfg.hidden_size * 4
+        assert received == [model_bytes + (tp_gen - 1) * norm_bytes] * engines
+        assert sum(sent) == sum(received)
+        if tp_gen == 1:  # each rank sends what it owns to every engine, nothing more
+            assert sent == [r["owned"] * engines for r in ranks]
