@@ -38,10 +38,10 @@ class PPOSize:
 
 SIZES = {"tiny": PPOSize(256, 4, 4, 688, prompts=16, response=32),
          "L": PPOSize(512, 8, 8, 1376, prompts=64, response=128),
-         # L's depth, batch and lengths at a quarter and a half of its width: the engine's cost per
-         # FLOP and per step, and what the planner's count leaves out (`trident plan ppo --calibrate`)
-         "L-quarter": PPOSize(128, 8, 2, 352, prompts=64, response=128),
-         "L-half": PPOSize(256, 8, 4, 688, prompts=64, response=128)}
+         # L's width, batch and lengths at a quarter and a half of its depth: the engine's cost per layer
+         # and per step, and what the planner's count leaves out (`trident plan ppo --calibrate`)
+         "L-d2": PPOSize(512, 2, 8, 1376, prompts=64, response=128),
+         "L-d4": PPOSize(512, 4, 8, 1376, prompts=64, response=128)}
 
 # TRL 1.12.0 PPOTrainer (trl.experimental.ppo), same settings, idle machine (from the PPO issue)
 TRL_SECONDS = {"tiny": {"step_s": 0.94},

@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 
 from engine.errors import ConfigError, TridentError
-from tools.perf_model import GPU, MEGATRON_2021, Layout, Shape
+from tools.perf_model import GPU, MEGATRON_2021, Calibration, Layout, Shape
 from tools.perf_rlhf import (EngineCalibration, PPOJob, engine_weight_bytes, generation, generation_flops, plan_ppo,
                               sync, training)
 from tools.plan import add_model_and_gpu_args, check_positive, gpu_from_args, hf_shape, model_shape
@@ -119,97 +119,98 @@ def _job(size) -> PPOJob:
     return PPOJob(s, s, s, size.prompts, size.prompt_len, size.response)
 
 
-def _speed(dtype) -> float:
-    """This machine's matmul TFLOP/s now (best of 20 1024^3 GEMMs): the shared host's speed drifts by
-    up to 25% between runs here, so every timing is scaled to the speed during the L run."""
-    import torch
-
-    from tools.bench_train import MatmulPeak
-    peak = MatmulPeak(dtype, 1024, torch.device("cpu"))
-    peak.sample(20)
-    return peak.best
-
-
-def _counted(job: PPOJob, dtype, cpu: GPU, ecal: EngineCalibration) -> tuple[dict, dict]:
-    """Phase seconds of bench ppo at this job's shape as the planner counts them on `cpu`, and the
-    constants measured for the count: the share of the peak the job's training GEMMs reach and its
-    non-GEMM kernels' time per token (with and without gradients), at the speed cpu.bf16_tflops."""
+def _training_calibration(job: PPOJob, dtype, cpu: GPU) -> tuple[Calibration, dict]:
+    """The planner's training constants measured at this job's shape on `cpu`: the share of the peak
+    its training GEMMs reach and its non-GEMM kernels' time per token (with and without gradients)."""
     from tools.plan_calibrate import gemm_share, nongemm_s
 
     a = job.actor
-    now = _speed(dtype)
-    share = gemm_share(a, job.rollouts, now, dtype)
-    at = now / cpu.bf16_tflops  # kernel seconds measured now, at cpu's speed
-    (layer_s, head_s), (layer_f, head_f) = ([x * at for x in nongemm_s(a, job.rollouts, dtype, forward_only=f)]
-                                            for f in (False, True))
+    share = gemm_share(a, job.rollouts, cpu.bf16_tflops, dtype)
+    (layer_s, head_s), (layer_f, head_f) = (nongemm_s(a, job.rollouts, dtype, forward_only=f) for f in (False, True))
     tcal = replace(MEGATRON_2021, gemm_eff=share, nongemm_layer_s=layer_s, nongemm_head_s=head_s,
                    nongemm_layer_fwd_s=layer_f, nongemm_head_fwd_s=head_f, grad_comm_bytes=4.0, optimizer_pass=True)
-    lay = Layout(1, 1, 1, job.rollouts)
-    phases = {"gen_s": generation(job, 1, 1, cpu, ecal)["gen_s"], "sync_s": sync(job, lay, 1, 1, cpu, ecal, True),
-              **{k: v for k, v in training(job, lay, cpu, "bf16", tcal).items() if k in ("score_s", "train_s")}}
     consts = {"gemm_share": share, "nongemm_us_per_token": {k: round(1e6 * v, 2) for k, v in (
         ("layer", layer_s), ("head", head_s), ("layer_forward", layer_f), ("head_forward", head_f))}}
-    return phases, consts
+    return tcal, consts
 
 
-def _engine_calibration(quarter: PPOJob, half: PPOJob, mq: dict, mh: dict, peak: float, mem_gbps: float):
-    """The engine's cost per FLOP and per decode step from two probes that differ only in width: the
-    extra generation time of the wider one over its extra FLOPs, and what that rate leaves of the
-    narrower one's time per decode step; the sync's fixed cost is the narrow probe's beyond its bytes."""
+def _counted(job: PPOJob, cpu: GPU, tcal: Calibration) -> dict:
+    """Scoring and training seconds of bench ppo at this job's shape as the planner counts them."""
+    phases = training(job, Layout(1, 1, 1, job.rollouts), cpu, "bf16", tcal)
+    return {k: phases[k] for k in TRAINING_PHASES}
+
+
+TRAINING_PHASES = ("score_s", "train_s")
+
+
+def _engine_calibration(shallow: PPOJob, deep: PPOJob, ms: dict, md: dict, peak: float, mem_gbps: float):
+    """The engine's cost per FLOP and per decode step from two probes that differ only in depth: the
+    extra generation time of the deeper one over its extra FLOPs, and what that rate leaves of the
+    shallower one's time per decode step; the sync's fixed cost is the shallow probe's beyond its bytes.
+    Depth, not width: every layer is the same work, so time is linear in depth. Along width it is not
+    here: at a quarter and a half of L's width vLLM's decode GEMMs cost the same (0.73 ms per step,
+    latency-bound; torch profiler), so a rate fitted across widths does not extrapolate."""
     def total(job):
         pre, step = generation_flops(job, job.rollouts)
         return pre + job.response_len * step
-    rate = (total(half) - total(quarter)) / max(mh["gen_s"] - mq["gen_s"], 1e-9)
-    step_s = max(0.0, (mq["gen_s"] - total(quarter) / rate) / quarter.response_len)
-    sync_fixed = max(0.0, mq["sync_s"] - quarter.actor.params * 2 / (mem_gbps * 1e9))
+    rate = (total(deep) - total(shallow)) / max(md["gen_s"] - ms["gen_s"], 1e-9)
+    step_s = max(0.0, (ms["gen_s"] - total(shallow) / rate) / shallow.response_len)
+    sync_fixed = max(0.0, ms["sync_s"] - shallow.actor.params * 2 / (mem_gbps * 1e9))
     eff = rate / (peak * 1e12)
     return EngineCalibration(gemm_eff=eff, decode_gemm_eff=eff, bw_eff=1.0, step_s=step_s, sync_fixed_s=sync_fixed)
 
 
 def calibrate() -> dict:
-    """Measure this machine: the matmul peak in the dtype bench ppo's GEMMs run, memcpy bandwidth, the
-    share of the peak the job's own training GEMMs reach and its non-GEMM kernels' time. The vLLM
-    engine's cost per FLOP and per decode step come from `bench ppo --size L-quarter` and `L-half` (L's
-    depth, batch and lengths at a quarter and a half of its width; each run twice, the fastest
-    kept). What the count of scoring and
-    training leaves out (Python, the PPO math, dispatch) is L-quarter's measured minus counted time.
-    Every timing is scaled to the machine's matmul speed during the L run (sampled before each
-    measurement). Then predict `bench ppo --size L` phase by phase against its run."""
+    """Measure this machine (the matmul peak in the dtype bench ppo's GEMMs run, memcpy bandwidth) and
+    run `bench ppo --size L-d2` and `L-d4` (L's width, batch and lengths at a quarter and a half of
+    its depth; each twice, interleaved, the fastest kept). The engine's cost per FLOP and per decode
+    step come from the two probes (_engine_calibration). Scoring and training are the planner's count
+    (L's own GEMM share and non-GEMM kernel times, measured) in seconds of these runs: one factor per
+    phase, fitted to the probes' difference, turns counted into measured seconds, and what the count
+    leaves out (Python, the PPO math) is L-d2's measured beyond that. Every term of the count the
+    probes differ in is per layer, so along depth this is the probes' linear extrapolation; the
+    factor says how far the count's absolute seconds are off here (`trident plan --calibrate` checks
+    the count itself against bench train). Then predict `bench ppo --size L` phase by phase against
+    its run. No timing is rescaled: a matmul-speed sample taken before each run (the shared host
+    drifts) once read half the speed the L run then had."""
     import torch
 
     from kernels.matmul import native_low_precision_gemm
     from tools.bench_ppo import SIZES
+    from tools.bench_train import MatmulPeak
     from tools.plan_calibrate import memcpy_gbps
 
     torch.set_num_threads(2)
     dtype = torch.bfloat16 if native_low_precision_gemm(torch.bfloat16) else torch.float32
     mem = memcpy_gbps()
+    peak = MatmulPeak(dtype, 1024, torch.device("cpu"))
+    peak.sample(20)
     # each probe twice, interleaved, in fresh processes: one vLLM process can run 40% slower than the next
-    runs = []
-    for name, steps in (("L-quarter", 10), ("L-half", 10), ("L-quarter", 10), ("L-half", 10), ("L", 5)):
-        speed = _speed(dtype)
-        runs.append((name, _bench_ppo(name, steps), speed))
-    _, measured, ref = runs[-1]
+    runs = [(name, _bench_ppo(name, steps)) for name, steps in (("L-d2", 8), ("L-d4", 8), ("L-d2", 8),
+                                                                ("L-d4", 8), ("L", 5))]
+    measured = runs[-1][1]
 
-    def at_ref(name):  # a probe's fastest phases over its runs, compute-bound ones at the L run's speed
-        scaled = [{k: v * (speed / ref if k != "sync_s" else 1.0) for k, v in m.items()}
-                  for n, m, speed in runs if n == name]
-        return {k: min(r[k] for r in scaled) for k in scaled[0]}
+    def fastest(name):
+        mine = [m for n, m in runs if n == name]
+        return {k: min(m[k] for m in mine) for k in mine[0]}
 
-    mq, mh = at_ref("L-quarter"), at_ref("L-half")
-    cpu = GPU("this-machine", ref, 0, 24, mem / 1000, mem, mem, per_node=1)
-    quarter, half, job = _job(SIZES["L-quarter"]), _job(SIZES["L-half"]), _job(SIZES["L"])
-    ecal = _engine_calibration(quarter, half, mq, mh, ref, mem)
-    counted_q, _ = _counted(quarter, dtype, cpu, ecal)
-    left = {k: mq[k] - counted_q[k] for k in ("score_s", "train_s")}
-    pred, consts = _counted(job, dtype, cpu, ecal)
-    pred = {k: v + left.get(k, 0.0) for k, v in pred.items()}
+    ms, md = fastest("L-d2"), fastest("L-d4")
+    cpu = GPU("this-machine", peak.best, 0, 24, mem / 1000, mem, mem, per_node=1)
+    shallow, deep, job = _job(SIZES["L-d2"]), _job(SIZES["L-d4"]), _job(SIZES["L"])
+    ecal = _engine_calibration(shallow, deep, ms, md, peak.best, mem)
+    tcal, consts = _training_calibration(job, dtype, cpu)  # the probes' layers are L's: one set of constants
+    cs, cd, cl = (_counted(j, cpu, tcal) for j in (shallow, deep, job))
+    factor = {k: (md[k] - ms[k]) / (cd[k] - cs[k]) for k in TRAINING_PHASES}
+    left = {k: ms[k] - factor[k] * cs[k] for k in TRAINING_PHASES}
+    pred = {"gen_s": generation(job, 1, 1, cpu, ecal)["gen_s"],
+            "sync_s": sync(job, Layout(1, 1, 1, job.rollouts), 1, 1, cpu, ecal, True),
+            **{k: factor[k] * cl[k] + left[k] for k in TRAINING_PHASES}}
     rows = [{"phase": k, "predicted_s": pred[k], "measured_s": measured[k], "error": pred[k] / measured[k] - 1,
-             "quarter_s": mq[k], "half_s": mh[k]} for k in ("gen_s", "sync_s", "score_s", "train_s")]
-    return {"matmul_dtype": str(dtype).replace("torch.", ""), "peak_tflops": ref, "memcpy_gbps": mem,
-            "speed_tflops_before": [(n, round(speed, 3)) for n, _, speed in runs],
-            **consts, "engine": {"flop_share": ecal.gemm_eff, "step_ms": 1000 * ecal.step_s,
-                                 "sync_fixed_ms": 1000 * ecal.sync_fixed_s},
+             "d2_s": ms[k], "d4_s": md[k]} for k in ("gen_s", "sync_s", "score_s", "train_s")]
+    return {"matmul_dtype": str(dtype).replace("torch.", ""), "peak_tflops": peak.best, "memcpy_gbps": mem,
+            **consts, "measured_over_counted": factor,
+            "engine": {"flop_share": ecal.gemm_eff, "step_ms": 1000 * ecal.step_s,
+                       "sync_fixed_ms": 1000 * ecal.sync_fixed_s},
             "not_counted_s": left, "engine_weights_mb": engine_weight_bytes(job.actor, 1) / 1e6, "rows": rows,
             "max_error_gen_score_train": max(abs(r["error"]) for r in rows if r["phase"] != "sync_s")}
 
@@ -219,13 +220,12 @@ def report(res: dict) -> list[str]:
     lines = [f"this machine: {res['matmul_dtype']} matmul peak {res['peak_tflops']:.3f} TFLOP/s, memcpy "
              f"{res['memcpy_gbps']:.1f} GB/s; L's training GEMMs reach {res['gemm_share']:.2f} of the peak, its "
              f"non-GEMM kernels {ng['layer']:.1f} us per token and layer ({ng['layer_forward']:.1f} forward only)",
-             f"vLLM engine (L-quarter, L-half): {en['flop_share']:.2f} of the peak per FLOP, {en['step_ms']:.1f} ms "
-             f"per decode step, sync {en['sync_fixed_ms']:.1f} ms beyond its bytes; not counted (L-quarter): "
-             f"scoring {left['score_s']:+.2f} s, training {left['train_s']:+.2f} s",
-             "matmul speed before each run (TFLOP/s): " + ", ".join(
-                 f"{n} {v:.3f}" for n, v in res["speed_tflops_before"]) + "; probes scaled to L's",
-             f"bench ppo --size L   {'predicted':>10}{'measured':>10}{'error':>8}   (L-quarter, L-half measured)"]
+             f"vLLM engine (L-d2, L-d4): {en['flop_share']:.2f} of the peak per FLOP, {en['step_ms']:.1f} ms "
+             f"per decode step, sync {en['sync_fixed_ms']:.1f} ms beyond its bytes; not counted (L-d2): "
+             f"scoring {left['score_s']:+.2f} s, training {left['train_s']:+.2f} s; measured / counted: scoring "
+             f"{res['measured_over_counted']['score_s']:.2f}, training {res['measured_over_counted']['train_s']:.2f}",
+             f"bench ppo --size L   {'predicted':>10}{'measured':>10}{'error':>8}   (L-d2, L-d4 measured)"]
     for r in res["rows"]:
         lines.append(f"{r['phase']:<21}{r['predicted_s']:>9.3f}s{r['measured_s']:>9.3f}s{r['error']:>+8.1%}"
-                     f"   ({r['quarter_s']:.3f}s, {r['half_s']:.3f}s)")
+                     f"   ({r['d2_s']:.3f}s, {r['d4_s']:.3f}s)")
     return lines
