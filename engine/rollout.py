@@ -274,8 +274,6 @@ class VLLMRollout:
 
     def post(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """Start generating (separate engines run while the trainers go on); `collect` gathers it."""
-        if len(prompts) % self.place.engines:
-            raise ValueError(f"{len(prompts)} prompts do not split over {self.place.engines} rollout engines")
         self._command(GENERATE, prompts, params)
         self.pending = (prompts, params)
         if self.place.separate and self.rank < self.place.trainers:
@@ -284,11 +282,17 @@ class VLLMRollout:
 
     def _host_generate(self) -> None:
         prompts, params = self.pending
-        share = len(prompts) // self.place.engines
         self._made = None
         if self.engine is not None:
-            e = self.place.hosts.index(self.rank)
-            self._made = self.engine.generate(prompts[e * share:(e + 1) * share], params, self.eos_id, e * share)
+            first, count = self._share(len(prompts), self.place.hosts.index(self.rank))
+            self._made = (self.engine.generate(prompts[first:first + count], params, self.eos_id, first) if count
+                          else ([], [], 0.0))
+
+    def _share(self, n: int, e: int) -> tuple[int, int]:
+        """Engine e's first prompt and count of n. A step's prompts split evenly (check_placement), in
+        whole groups; a held-out set of any size gives the first n % engines engines one more."""
+        base, extra = divmod(n, self.place.engines)
+        return e * base + min(e, extra), base + (e < extra)
 
     def collect(self) -> Rollout:
         """The posted generation's results, on every rank."""
@@ -302,10 +306,11 @@ class VLLMRollout:
         prompts, params = self.pending
         if self.place.separate and self.rank < self.place.trainers:
             self._made = None
-        share, width = len(prompts) // self.place.engines, params.max_new_tokens
+        width = params.max_new_tokens
         responses, logprobs, seconds = [], [], []
         for e, host in enumerate(self.place.hosts):
             mine = self.engine is not None and host == self.rank
+            share = self._share(len(prompts), e)[1]
             tokens = torch.full((share, width), -1, dtype=torch.int64)
             lps = torch.zeros(share, width, dtype=torch.float32)
             took = torch.zeros(1, dtype=torch.float64)

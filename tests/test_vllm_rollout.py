@@ -98,7 +98,8 @@ def test_reshard_from_tp2_pp2_over_the_network():
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 3, 8, 4)]
+    # five prompts: two engines answer three and two (a held-out set need not divide)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 3, 8, 4, 6)]
     layouts = [(2, 1, "network"), (1, 2, "network")]
     per_rank = run_ranks(4, reshard_workers.vllm_after_network_sync, cfg, prompts, layouts, timeout=900)
     model = Transformer(cfg, ParallelState())
