@@ -104,15 +104,28 @@ class WeightSyncExtension:
             cache[prefix] = (link, {name: reshard.view(buf, entry) for name, entry in layout.items()}, device)
         link, full, device = cache[prefix]
         got = [0]
-        # tensors reach the layerwise reload as their last slice lands: loading overlaps the transfer
         mine = needs[self.rank] if needs else None
         arriving = reshard.receive(link, [(src, reshard.cut(specs, mine)) for src, specs in senders], bucket_bytes,
                                    full, device, got)
+        t0 = time.perf_counter()
+        if link.backend == "gloo":
+            # gloo's receives are CPU work in this process: run beside the reload they slow its (OpenMP)
+            # copies more than they save (L's 59 MB on 2 cores: a sync took 0.088-0.091 s streamed,
+            # 0.071 s received first)
+            arriving = iter(list(arriving))
+        t1 = time.perf_counter()
+        # with NCCL a tensor reaches the layerwise reload as its last slice lands: loading overlaps the transfer
         self.model_runner.reload_weights(weights_iterator=arriving, is_checkpoint_format=True)
         for _ in arriving:  # every posted receive completes, whatever the reload took
             pass
         self._trident_refresh_tied_head()
+        self._trident_receive_s = (t1 - t0, time.perf_counter() - t1)
         return got[0]
+
+    def trident_receive_times(self) -> tuple[float, float]:
+        """Seconds the last trident_receive spent receiving before the reload (0 where they overlap)
+        and reloading (with what overlapped it): the benchmark's split of a network sync."""
+        return self._trident_receive_s
 
     def _trident_refresh_tied_head(self) -> None:
         """A tied LM head shares the embedding's parameter, but vLLM's layerwise reload re-processes

@@ -158,7 +158,7 @@ class Link:
     def __init__(self, store, prefix: str, rank: int, size: int, timeout_s: float = 300, backend: str = "gloo"):
         import datetime
 
-        self.rank, self.size, self.timeout_s, self.prefix = rank, size, timeout_s, prefix
+        self.rank, self.size, self.timeout_s, self.prefix, self.backend = rank, size, timeout_s, prefix, backend
         scoped = dist.PrefixStore(prefix, store)
         if backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()

@@ -135,10 +135,13 @@ def _sync_overhead(trainer, step_sync_s: float, rounds: int = 5) -> dict:
             "sync_bytes": rollout.last_sync_bytes, "sync_bytes_copied": rollout.target.last_copied}
 
 
-def _network_transfer(trainer, rounds: int = 5) -> dict:
+def _network_transfer(trainer, rounds: int = 5, settle_s: float = 1.1) -> dict:
     """The network path (transfer network: the owners' slices over a gloo transfer group that a second
     engine's worker joins) against the shared-memory path of the run's own engine and against vLLM's
-    `reload_weights` of the same tensors inside that second engine, alternating back to back."""
+    `reload_weights` of the same tensors inside that second engine, alternating. Each is timed after
+    `settle_s` of quiet: vLLM's workers spin (sched_yield) for 1 s after a request, and on 2 cores the
+    other engine's spin would take a core from the transfer's two ends; every timed call thus also
+    wakes its worker from idle, as a sync after a training step does."""
     from safetensors.torch import save
 
     from engine.rollout import VLLMRollout
@@ -148,16 +151,27 @@ def _network_transfer(trainer, rounds: int = 5) -> dict:
     try:
         llm = net.engine.llm  # one rank: every piece is a whole tensor
         llm.collective_rpc("trident_stage", args=(save({p.name: p.tensor.clone() for p in net.sender.pieces}),))
-        times: dict[str, list[float]] = {"shm": [], "network": [], "reload": []}
+        times: dict[str, list[float]] = {k: [] for k in ("shm", "network", "receiving", "reloading", "reload",
+                                                         "reload_inside")}
         for _ in range(rounds):
+            time.sleep(settle_s)
             times["shm"].append(shm.sync(chunks))
+            time.sleep(settle_s)
             times["network"].append(net.sync(chunks))
+            (receiving, reloading), = llm.collective_rpc("trident_receive_times")
+            times["receiving"].append(receiving)
+            times["reloading"].append(reloading)
+            time.sleep(settle_s)
             t0 = time.perf_counter()
-            llm.collective_rpc("trident_reload_staged")
+            inside, = llm.collective_rpc("trident_reload_staged")
             times["reload"].append(time.perf_counter() - t0)
+            times["reload_inside"].append(inside)
         med = {k: statistics.median(v) for k, v in times.items()}
         return {"network_sync_s": round(med["network"], 4), "shm_sync_s": round(med["shm"], 4),
+                # inside the engine's worker: the transfer, then vLLM's reload from what it received
+                "network_receive_s": round(med["receiving"], 4), "network_reload_s": round(med["reloading"], 4),
                 "network_reload_weights_s": round(med["reload"], 4),
+                "network_reload_weights_inside_s": round(med["reload_inside"], 4),
                 "network_vs_reload": round(med["network"] / med["reload"], 3),
                 "network_vs_shm": round(med["network"] / med["shm"], 3),
                 "network_bytes_sent": net.last_sync_bytes, "network_bytes_received": net.last_engine_bytes,
@@ -184,7 +198,9 @@ def format_result(res: dict) -> list[str]:
                      f"{res['network_bytes_sent'] / 1e6:.1f} MB sent / {res['network_bytes_received'] / 1e6:.1f} MB "
                      f"received, vs shared memory {res['shm_sync_s']:.4f} s ({res['network_vs_shm']:.2f}x) and vs "
                      f"vLLM reload_weights of the same tensors {res['network_reload_weights_s']:.4f} s "
-                     f"({res['network_vs_reload']:.2f}x)")
+                     f"({res['network_vs_reload']:.2f}x); inside the worker {res['network_receive_s']:.4f} s receiving, "
+                     f"then {res['network_reload_s']:.4f} s reloading (bare reload_weights "
+                     f"{res['network_reload_weights_inside_s']:.4f} s)")
     if "speedup_vs_trl" in res:
         lines.append(f"TRL 1.12 PPOTrainer, same settings: {res['trl_step_s']:.2f} s/step -> "
                      f"{res['speedup_vs_trl']:.2f}x faster")
