@@ -198,8 +198,8 @@ def format_result(res: dict) -> list[str]:
                      f"{res['network_bytes_sent'] / 1e6:.1f} MB sent / {res['network_bytes_received'] / 1e6:.1f} MB "
                      f"received, vs shared memory {res['shm_sync_s']:.4f} s ({res['network_vs_shm']:.2f}x) and vs "
                      f"vLLM reload_weights of the same tensors {res['network_reload_weights_s']:.4f} s "
-                     f"({res['network_vs_reload']:.2f}x); inside the worker {res['network_receive_s']:.4f} s receiving, "
-                     f"then {res['network_reload_s']:.4f} s reloading (bare reload_weights "
+                     f"({res['network_vs_reload']:.2f}x); inside the worker {res['network_receive_s']:.4f} s "
+                     f"receiving, then {res['network_reload_s']:.4f} s reloading (bare reload_weights "
                      f"{res['network_reload_weights_inside_s']:.4f} s)")
     if "speedup_vs_trl" in res:
         lines.append(f"TRL 1.12 PPOTrainer, same settings: {res['trl_step_s']:.2f} s/step -> "
