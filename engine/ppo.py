@@ -74,7 +74,8 @@ class PPOTrainer:
         self.rollout = make_rollout(ro.backend, actor, eos_id, pad_id, actor_source.config.max_position_embeddings,
                                     tp_gen=ro.vllm_tp, enforce_eager=ro.vllm_eager, cpu_reserve=ro.vllm_cpu_reserve,
                                     log_level=ro.engine_log_level, engines=ro.engines, transfer=ro.transfer, job=job,
-                                    bucket_mb=ro.sync_bucket_mb, timeout_s=ro.timeout_s)
+                                    bucket_mb=ro.sync_bucket_mb, timeout_s=ro.timeout_s,
+                                    window_mb=ro.receive_window_mb)
         self.synced = True  # the rollout engine starts from the initial actor
         freeze_heap()
 

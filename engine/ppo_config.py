@@ -48,6 +48,10 @@ class RolloutConfig:
     lag of one, the PPO ratio taken against the behaviour policy's log-probs from the engine)."""
     sync_bucket_mb: PositiveInt = 16
     """Network transfer: the most bytes one message carries (two are in flight per sender)."""
+    receive_window_mb: PositiveInt = 2048
+    """Network transfer: vLLM's loaders cut each worker's shard from full-shaped tensors, so a worker
+    receives into full tensors; a model of up to this many MB of them gets one buffer kept across
+    syncs, a larger one is received a window of this size at a time (freed once reloaded), not whole."""
     timeout_s: PositiveFloat = 600
     """Longest wait on an engine (a generation's results, a weight transfer) before the run ends with
     an error naming it."""

@@ -83,10 +83,11 @@ class VLLMRollout:
 
     def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True,
                  cpu_reserve: int = 0, log_level: str = "warning", engines: int = 1, transfer: str = "auto",
-                 job=None, bucket_mb: int = 16, timeout_s: float = 600):
+                 job=None, bucket_mb: int = 16, timeout_s: float = 600, window_mb: int = 2048):
         chunks = model if isinstance(model, list) else [model]
         state = chunks[0].state
         self.state, self.eos_id, self.timeout_s, self.bucket_bytes = state, eos_id, timeout_s, bucket_mb << 20
+        self.window_bytes = window_mb << 20
         self.place = Placement(engines, tp_gen, state.world_size, job is not None)
         self.per, self.dp = state.tp * state.pp, state.dp
         self._init_common(job)
@@ -113,7 +114,8 @@ class VLLMRollout:
             self.store.set(f"trident/specs/{self.rank}", json.dumps(self.sender.specs))
             if job is not None and self.rank == 0:
                 self.store.set("trident/engine_start", json.dumps({**start, "eos_id": eos_id, "per": self.per,
-                                                                   "dp": self.dp, "bucket_bytes": self.bucket_bytes}))
+                                                                   "dp": self.dp, "bucket_bytes": self.bucket_bytes,
+                                                                   "window_bytes": self.window_bytes}))
             if self.rank in self.place.hosts:
                 self.engine = self._start_host(start)
             self._wait_for_engines()
@@ -130,7 +132,7 @@ class VLLMRollout:
         self._init_common(job)
         start = json.loads(self.store.get("trident/engine_start"))
         self.eos_id, self.per, self.dp = start.pop("eos_id"), start.pop("per"), start.pop("dp")
-        self.bucket_bytes = start.pop("bucket_bytes")
+        self.bucket_bytes, self.window_bytes = start.pop("bucket_bytes"), start.pop("window_bytes")
         self.hf_cfg = start["hf_cfg"]
         if self.rank in self.place.hosts:
             use_engine_devices(tp_gen)
@@ -246,7 +248,7 @@ class VLLMRollout:
             self._pool = self._pool or ThreadPoolExecutor(1)
             receiving = self._pool.submit(self.engine.receive, addr, port, f"trident/sync/{e}",
                                           self.place.tp_gen + len(senders), senders, self.bucket_bytes, self.timeout_s,
-                                          self._engine_needs)
+                                          self._engine_needs, self.window_bytes)
         sent = 0
         if self.rank < self.place.trainers:
             for e in range(self.place.engines):

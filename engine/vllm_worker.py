@@ -84,11 +84,14 @@ class WeightSyncExtension:
         return len(tensors)
 
     def trident_receive(self, addr: str, port: int, prefix: str, rank: int, size: int, senders: list,
-                        bucket_bytes: int, timeout_s: float, needs: list | None = None) -> int:
+                        bucket_bytes: int, timeout_s: float, needs: list | None = None,
+                        window_bytes: int = 2 << 30) -> int:
         """Reload from the owners' slices sent over the network (parallel.reshard.WireSender): join the
-        engine's transfer group once, receive into full tensors this worker keeps, reload from them.
-        `senders` is [(group rank, wire specs)]; this worker is group rank `rank` + its rank in vLLM
-        and takes only what needs[its rank] says it reads (vllm_tp_shards). Returns the bytes received."""
+        engine's transfer group once, receive into full tensors, reload from them. `senders` is
+        [(group rank, wire specs)]; this worker is group rank `rank` + its rank in vLLM and takes only
+        what needs[its rank] says it reads (vllm_tp_shards). vLLM's loaders cut their shard from full
+        tensors, so a model of up to `window_bytes` is received into one buffer kept across syncs; a
+        larger one a window at a time into fresh tensors, freed once reloaded. Returns the bytes received."""
         from parallel import comm, reshard
 
         cache = self.__dict__.setdefault("_trident_wire", {})
@@ -100,31 +103,31 @@ class WeightSyncExtension:
             link = comm.Link(store, prefix, rank + self.rank, size, timeout_s, backend)
             metas = [(name, tuple(shape), dtype) for _, specs in senders for name, dtype, shape, *_ in specs]
             layout = reshard.plan(metas)
-            buf = torch_empty(max((o + n for _, _, o, n in layout.values()), default=1), device)
-            cache[prefix] = (link, {name: reshard.view(buf, entry) for name, entry in layout.items()}, device)
+            size_bytes = max((o + n for _, _, o, n in layout.values()), default=1)
+            full = {}
+            if size_bytes <= window_bytes:
+                buf = torch_empty(size_bytes, device)
+                full = {name: reshard.view(buf, entry) for name, entry in layout.items()}
+            cache[prefix] = (link, full, device)
         link, full, device = cache[prefix]
-        got = [0]
+        got = [0, 0.0]
         mine = needs[self.rank] if needs else None
-        arriving = reshard.receive(link, [(src, reshard.cut(specs, mine)) for src, specs in senders], bucket_bytes,
-                                   full, device, got)
         t0 = time.perf_counter()
-        if link.backend == "gloo":
-            # gloo's receives are CPU work in this process: run beside the reload they slow its (OpenMP)
-            # copies more than they save (L's 59 MB on 2 cores: a sync took 0.088-0.091 s streamed,
-            # 0.071 s received first)
-            arriving = iter(list(arriving))
-        t1 = time.perf_counter()
-        # with NCCL a tensor reaches the layerwise reload as its last slice lands: loading overlaps the transfer
+        # gloo's receives are CPU work in this process: run beside the reload they slow its (OpenMP)
+        # copies more than they save (L's 59 MB on 2 cores: a sync took 0.088-0.091 s streamed,
+        # 0.071 s received first); with NCCL a tensor reaches the layerwise reload as its last slice lands
+        arriving = reshard.receive(link, [(src, reshard.cut(specs, mine)) for src, specs in senders], bucket_bytes,
+                                   full, device, got, window_bytes, overlap=link.backend != "gloo")
         self.model_runner.reload_weights(weights_iterator=arriving, is_checkpoint_format=True)
         for _ in arriving:  # every posted receive completes, whatever the reload took
             pass
         self._trident_refresh_tied_head()
-        self._trident_receive_s = (t1 - t0, time.perf_counter() - t1)
+        self._trident_receive_s = (got[1], time.perf_counter() - t0 - got[1])
         return got[0]
 
     def trident_receive_times(self) -> tuple[float, float]:
-        """Seconds the last trident_receive spent receiving before the reload (0 where they overlap)
-        and reloading (with what overlapped it): the benchmark's split of a network sync."""
+        """Seconds the last trident_receive spent waiting on its receives and the rest (vLLM's reload,
+        with whatever transfer ran under it): the benchmark's split of a network sync."""
         return self._trident_receive_s
 
     def _trident_refresh_tied_head(self) -> None:

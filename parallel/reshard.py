@@ -13,8 +13,10 @@ caller (engine/weights.py) builds them from its layout table, so nothing here kn
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -260,42 +262,94 @@ class WireSender:
 
 
 def receive(link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, full: dict[str, torch.Tensor],
-            device=None, counter: list | None = None):
-    """Receive every sender's messages ((group rank, wire_specs) each) into `full` (name -> full
-    tensor), yielding (name, tensor) as soon as a tensor's last slice has landed, so a consumer (vLLM's
-    layerwise `reload_weights`) works while later messages are still on the wire. A direct message
-    lands in place when its destination is contiguous. All receives are posted before any wait, so
-    no sender stalls on the order they are drained. `counter[0]` gets the bytes received."""
-    def place(name, dim, start, length):
-        return full[name] if dim is None else full[name].narrow(dim, start, length)
+            device=None, counter: list | None = None, window_bytes: int | None = None, overlap: bool = True):
+    """Receive every sender's messages ((group rank, wire_specs) each) into full tensors, yielding
+    (name, tensor) as soon as a tensor's last slice has landed, so a consumer (vLLM's layerwise
+    `reload_weights`) can work while later messages are still on the wire.
 
-    posted, missing = [], {}
+    A tensor in `full` is received into (a buffer kept across syncs); any other is allocated on
+    `device` when its first message is posted and forgotten once yielded. Receives are posted in
+    windows of at most `window_bytes` of such new tensors (at least one message each), so a receiver
+    holds a window's tensors and what its consumer keeps, not the whole model. `overlap` posts the
+    next window before this one's tensors are yielded (the transfer runs under the consumer: NCCL);
+    otherwise each window is drained before anything of it is yielded (gloo, whose receives are CPU
+    work that would slow the consumer). A direct message lands in place when its destination is
+    contiguous. `counter` gets [bytes received, seconds spent waiting on receives]."""
+    order = []  # (tag, src, first, end, direct, specs): waited in this order, so tensors complete early
     for src, specs in senders:
-        for tag, (first, end, direct) in enumerate(messages(specs, bucket_bytes)):
-            dst = place(*_where(specs[first])) if direct else None
+        order += [(tag, src, first, end, direct, specs) for tag, (first, end, direct) in
+                  enumerate(messages(specs, bucket_bytes))]
+    order.sort(key=lambda m: (m[0], m[1]))
+    windows, fresh, new_bytes, seen = [[]], {}, 0, set(full)
+    for m in order:
+        unseen = {spec[0]: spec for spec in m[5][m[2]:m[3]] if spec[0] not in seen}
+        extra = sum(_full_bytes(spec) for spec in unseen.values())
+        if window_bytes is not None and windows[-1] and new_bytes + extra > window_bytes:
+            windows.append([])
+            new_bytes = 0
+        windows[-1].append(m)
+        new_bytes += extra
+        seen.update(unseen)
+    missing: dict[str, int] = {}
+    for _, _, first, end, _, specs in order:
+        for spec in specs[first:end]:
+            missing[spec[0]] = missing.get(spec[0], 0) + 1
+
+    def tensor(spec):
+        name = spec[0]
+        if name in full:
+            return full[name]
+        if name not in fresh:
+            fresh[name] = torch.empty(spec[2], dtype=getattr(torch, spec[1]), device=device)
+        return fresh[name]
+
+    def place(spec):
+        _, _, _, dim, start, length, _ = spec
+        return tensor(spec) if dim is None else tensor(spec).narrow(dim, start, length)
+
+    def post(window):
+        out = []
+        for tag, src, first, end, direct, specs in window:
+            dst = place(specs[first]) if direct else None
             in_place = dst is not None and dst.is_contiguous()
             into = dst if in_place else torch.empty(_nbytes(specs[first:end]), dtype=torch.uint8, device=device)
-            posted.append((tag, src, link.recv(into, src, tag), into, specs[first:end], in_place))
-            for spec in specs[first:end]:
-                missing[spec[0]] = missing.get(spec[0], 0) + 1
-    got = 0
-    for _, _, work, into, specs, in_place in sorted(posted, key=lambda x: (x[0], x[1])):  # tensors complete early
+            out.append((link.recv(into, src, tag), into, specs[first:end], in_place))
+        return out
+
+    got, waited = 0, 0.0
+
+    def land(work, into, specs, in_place):
+        nonlocal got, waited
+        t0 = time.perf_counter()
         work.wait()
-        at = 0
+        waited += time.perf_counter() - t0
+        at, done = 0, []
         for spec in specs:
             name, dtype, nbytes = spec[0], spec[1], spec[-1]
             if not in_place:
-                dst = place(*_where(spec))
+                dst = place(spec)
                 dst.copy_(into[at:at + nbytes].view(getattr(torch, dtype)).view(dst.shape))
             at += nbytes
             missing[name] -= 1
             if not missing[name]:
-                yield name, full[name]
+                done.append((name, full[name] if name in full else fresh.pop(name)))
         got += into.numel() * into.element_size()
+        return done
+
+    posted = post(windows[0])
+    for k in range(len(windows)):
+        ahead = post(windows[k + 1]) if overlap and k + 1 < len(windows) else None
+        if overlap:
+            for message in posted:
+                yield from land(*message)
+        else:
+            yield from [item for message in posted for item in land(*message)]
+        posted = ahead if overlap or k + 1 == len(windows) else post(windows[k + 1])
     if counter is not None:
-        counter[:] = [got]
+        counter[:] = [got, waited]
 
 
-def _where(spec) -> tuple:
-    name, _, _, dim, start, length, _ = spec
-    return name, dim, start, length
+def _full_bytes(spec) -> int:
+    """Bytes of the full tensor a wire spec is a slice of."""
+    _, dtype, shape, *_ = spec
+    return math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()

@@ -41,16 +41,17 @@ def shared_file_with_adoption(rank, world, cfg, tp, dtype):
 
 
 def vllm_after_network_sync(rank, world, cfg, prompts, layouts):
-    """TP2 x PP2 into colocated engines for each (engines, tp_gen, transfer) in turn: greedy and sampled
-    output after an update, and the bytes each rank sent (wrote) and each engine received."""
+    """TP2 x PP2 into colocated engines for each (engines, tp_gen, transfer, receive window MB) in turn:
+    greedy and sampled output after an update, and the bytes each rank sent (wrote) and each engine
+    received."""
     state = build_state(rank, 2, 2, world // 4, torch.device("cpu"))
     chunks = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=2, pp=2), state, torch.float32)
     results = []
-    for engines, tp_gen, transfer in layouts:
+    for engines, tp_gen, transfer, window_mb in layouts:
         for c in chunks:
             load_into(c, RandomSource(cfg, seed=0))
         vllm = VLLMRollout(chunks, 2, max_model_len=cfg.max_position_embeddings, tp_gen=tp_gen, engines=engines,
-                           transfer=transfer, bucket_mb=1)
+                           transfer=transfer, bucket_mb=1, window_mb=window_mb)
         try:
             for c in chunks:  # an "update": new weights everywhere, then the in-place sync
                 load_into(c, RandomSource(cfg, seed=1))

@@ -92,3 +92,47 @@ def test_each_receiver_is_sent_only_the_shard_it_reads():
             assert torch.equal(into[n] if at is None else into[n].narrow(*at), t if at is None else t.narrow(*at)), n
         assert got == 4 * sum(full[n].narrow(*need[n]).numel() if n in need else full[n].numel() for n in full)
     assert sum(sent) == sum(got for _, _, got in received)
+
+
+@pytest.mark.parametrize("window_kb, overlap, most_kb", [(128, False, 128), (128, True, 256), (None, False, 384)])
+def test_a_receiver_without_a_buffer_holds_a_window_of_full_tensors_not_the_model(window_kb, overlap, most_kb):
+    """Six 64 KB tensors, each owned half and half by two training ranks, reach a receiver that keeps no
+    buffer: the bytes it has posted receives for but not yet handed to its consumer stay within one
+    window (two with overlap: the next is posted under the consumer); without a window, the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from parallel import comm
+    from parallel.reshard import Piece, WireSender, receive, wire_specs
+
+    full = {f"T{i}": torch.randn(64, 256, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+    pieces = [[Piece(n, (64, 256), 0, 32 * s, 32, t.narrow(0, 32 * s, 32).clone()) for n, t in full.items()]
+              for s in (0, 1)]
+    store = comm.tcp_store("127.0.0.1", 0, host=True, timeout_s=60)
+
+    class Recording(comm.Link):  # what a window means to a receiver: posted, not yet consumed
+        def recv(self, t, src, tag=0):
+            events.append(t.numel() * t.element_size())
+            return super().recv(t, src, tag)
+
+    events: list[int] = []
+
+    def member(rank):
+        kind = Recording if rank == 0 else comm.Link
+        link = kind(comm.tcp_store("127.0.0.1", store.port, host=False, timeout_s=60), "w", rank, 3, 60)
+        if rank:
+            return WireSender(pieces[rank - 1], bucket_bytes=40 << 10).send(link, [0])
+        window = None if window_kb is None else window_kb << 10
+        got = {}
+        for name, t in receive(link, [(1 + s, wire_specs(pieces[s])) for s in (0, 1)], 40 << 10, {},
+                               window_bytes=window, overlap=overlap):
+            events.append(-t.numel() * t.element_size())
+            got[name] = t.clone()
+        return got
+
+    with ThreadPoolExecutor(3) as pool:
+        got, *_ = [f.result(timeout=120) for f in [pool.submit(member, r) for r in (0, 1, 2)]]
+    assert sorted(got) == sorted(full) and all(torch.equal(got[n], full[n]) for n in full)
+    outstanding = [sum(events[:i + 1]) for i in range(len(events))]
+    assert max(outstanding) == most_kb << 10, max(outstanding) >> 10

@@ -92,7 +92,9 @@ def test_reshard_from_tp2_pp2_over_the_network():
     """TP2 x PP2 training into vLLM over gloo with no shared memory, into 2 engines at TP1 and into 1 at
     TP2 (the shared file from TP2 x PP2 is test_ppo_tp2_pp2_with_vllm_matches_one_rank's path). Greedy
     output equals the native sampler's, sampled log-probs the trainer's recompute, and every rank
-    sends only what it owns, to each engine worker only the shard that worker reads."""
+    sends only what it owns, to each engine worker only the shard that worker reads. The TP2 engine's
+    workers keep no receive buffer (a 1 MB window for 2.5 MB of full tensors): they receive a window
+    at a time into fresh tensors that vLLM's layerwise reload holds until each layer is complete."""
     from tests import reshard_workers
     from tests.distributed import run_ranks
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
@@ -100,12 +102,12 @@ def test_reshard_from_tp2_pp2_over_the_network():
     g = torch.Generator().manual_seed(1)
     # five prompts: two engines answer three and two (a held-out set need not divide)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 3, 8, 4, 6)]
-    layouts = [(2, 1, "network"), (1, 2, "network")]
+    layouts = [(2, 1, "network", 2048), (1, 2, "network", 1)]
     per_rank = run_ranks(4, reshard_workers.vllm_after_network_sync, cfg, prompts, layouts, timeout=900)
     model = Transformer(cfg, ParallelState())
     load_into(model, RandomSource(cfg, seed=1))
     native = NativeRollout(model, EOS, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
-    for i, (engines, tp_gen, _) in enumerate(layouts):
+    for i, (engines, tp_gen, *_) in enumerate(layouts):
         ranks = [r[i] for r in per_rank]
         worst = 0.0
         for p, r, lp in zip(prompts, ranks[0]["sampled"], ranks[0]["logprobs"]):
