@@ -75,7 +75,7 @@ class PPOTrainer:
                                     tp_gen=ro.vllm_tp, enforce_eager=ro.vllm_eager, cpu_reserve=ro.vllm_cpu_reserve,
                                     log_level=ro.engine_log_level, engines=ro.engines, transfer=ro.transfer, job=job,
                                     bucket_mb=ro.sync_bucket_mb, timeout_s=ro.timeout_s,
-                                    window_mb=ro.receive_window_mb)
+                                    window_mb=ro.receive_window_mb, ahead=ro.transfer_ahead)
         self.synced = True  # the rollout engine starts from the initial actor
         freeze_heap()
 
@@ -142,6 +142,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
         stats = self.update(exp)
         self.synced = False
+        if next_prompts is not None:  # the new weights travel while the engines generate the next batch
+            self.rollout.push(self.actor.chunks)
         train_s = time.perf_counter() - t0
         line = self.metrics(step, gen, raw_scores, valid, kl, exp.action_mask, stats,
                             {"sync_s": sync_s, "gen_s": gen_s, "score_s": score_s, "train_s": train_s})

@@ -47,11 +47,17 @@ class RolloutConfig:
     """`rollout.async`: generate step k+1's rollouts while step k trains (placement separate; a policy
     lag of one, the PPO ratio taken against the behaviour policy's log-probs from the engine)."""
     sync_bucket_mb: PositiveInt = 16
-    """Network transfer: the most bytes one message carries (two are in flight per sender)."""
+    """Network transfer: the most bytes one message of packed small slices carries (slices of 256 KiB or
+    more travel alone, straight from their parameter)."""
     receive_window_mb: PositiveInt = 2048
     """Network transfer: vLLM's loaders cut each worker's shard from full-shaped tensors, so a worker
     receives into full tensors; a model of up to this many MB of them gets one buffer kept across
     syncs, a larger one is received a window of this size at a time (freed once reloaded), not whole."""
+    transfer_ahead: bool = True
+    """Network transfer, with one receive buffer: each engine worker posts the next sync's receives
+    right after a reload, and with async rollouts the trainers send the new weights as soon as an
+    update ends, so the bytes travel while the engines generate and the sync only reloads. false:
+    every transfer starts at the sync (a stalled engine is then caught by the transfer itself)."""
     timeout_s: PositiveFloat = 600
     """Longest wait on an engine (a generation's results, a weight transfer) before the run ends with
     an error naming it."""

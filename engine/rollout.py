@@ -42,6 +42,9 @@ class NativeRollout:
     def sync(self, model) -> float:
         return 0.0  # generates from the training weights themselves
 
+    def push(self, model) -> None:
+        pass
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
         return Rollout(*generate(self.model, prompts, params, self.eos_id, self.pad_id))
 
@@ -83,11 +86,11 @@ class VLLMRollout:
 
     def __init__(self, model, eos_id: int, max_model_len: int, tp_gen: int = 1, enforce_eager: bool = True,
                  cpu_reserve: int = 0, log_level: str = "warning", engines: int = 1, transfer: str = "auto",
-                 job=None, bucket_mb: int = 16, timeout_s: float = 600, window_mb: int = 2048):
+                 job=None, bucket_mb: int = 16, timeout_s: float = 600, window_mb: int = 2048, ahead: bool = True):
         chunks = model if isinstance(model, list) else [model]
         state = chunks[0].state
         self.state, self.eos_id, self.timeout_s, self.bucket_bytes = state, eos_id, timeout_s, bucket_mb << 20
-        self.window_bytes = window_mb << 20
+        self.window_bytes, self.ahead = window_mb << 20, ahead
         self.place = Placement(engines, tp_gen, state.world_size, job is not None)
         self.per, self.dp = state.tp * state.pp, state.dp
         self._init_common(job)
@@ -115,7 +118,8 @@ class VLLMRollout:
             if job is not None and self.rank == 0:
                 self.store.set("trident/engine_start", json.dumps({**start, "eos_id": eos_id, "per": self.per,
                                                                    "dp": self.dp, "bucket_bytes": self.bucket_bytes,
-                                                                   "window_bytes": self.window_bytes}))
+                                                                   "window_bytes": self.window_bytes,
+                                                                   "ahead": self.ahead}))
             if self.rank in self.place.hosts:
                 self.engine = self._start_host(start)
             self._wait_for_engines()
@@ -133,6 +137,7 @@ class VLLMRollout:
         start = json.loads(self.store.get("trident/engine_start"))
         self.eos_id, self.per, self.dp = start.pop("eos_id"), start.pop("per"), start.pop("dp")
         self.bucket_bytes, self.window_bytes = start.pop("bucket_bytes"), start.pop("window_bytes")
+        self.ahead = start.pop("ahead")
         self.hf_cfg = start["hf_cfg"]
         if self.rank in self.place.hosts:
             use_engine_devices(tp_gen)
@@ -149,6 +154,7 @@ class VLLMRollout:
         self.pending = self.ready = self._made = None
         self._links: dict[int, comm.Link] = {}
         self._senders = None
+        self._pushed: dict[int, object] = {}  # engine -> this rank's sends in flight (push)
 
     # ---- set-up ----------------------------------------------------------------------------------
 
@@ -248,16 +254,16 @@ class VLLMRollout:
             self._pool = self._pool or ThreadPoolExecutor(1)
             receiving = self._pool.submit(self.engine.receive, addr, port, f"trident/sync/{e}",
                                           self.place.tp_gen + len(senders), senders, self.bucket_bytes, self.timeout_s,
-                                          self._engine_needs, self.window_bytes)
+                                          self._engine_needs, self.window_bytes, self.ahead)
         sent = 0
         if self.rank < self.place.trainers:
-            for e in range(self.place.engines):
-                if self.rank in self._replica(e):
-                    try:
-                        sent += self.sender.send(self._transfer_link(e), list(range(self.place.tp_gen)), self._needs)
-                    except RuntimeError as err:
-                        raise RuntimeError(f"weight transfer to rollout engine {e} failed (rank {self.rank}, "
-                                           f"timeout {self.timeout_s:.0f} s): {str(err).splitlines()[0]}") from None
+            for e in self._served():
+                try:
+                    sending = self._pushed.pop(e, None) or self._start_sends(e)
+                    sent += sending.wait()
+                except RuntimeError as err:
+                    raise RuntimeError(f"weight transfer to rollout engine {e} failed (rank {self.rank}, "
+                                       f"timeout {self.timeout_s:.0f} s): {str(err).splitlines()[0]}") from None
         self.last_sync_bytes = sent
         if receiving is not None:
             try:
@@ -266,6 +272,24 @@ class VLLMRollout:
                 e = self.place.hosts.index(self.rank)
                 raise RuntimeError(f"rollout engine {e} did not take its weights within {self.timeout_s:.0f} s: "
                                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+    def push(self, model) -> None:
+        """Start sending the model's current weights to the engines now, without waiting (network
+        transfer with `ahead`): each engine's workers posted their receives after their last reload,
+        so the bytes land while the engines generate, and the next `sync` only waits for what is left
+        and reloads. The model's parameters must not change before that sync."""
+        if self.transfer != "network" or not self.ahead or self.rank >= self.place.trainers:
+            return
+        for e in self._served():
+            if e not in self._pushed:
+                self._pushed[e] = self._start_sends(e)
+
+    def _served(self) -> list[int]:
+        """The engines this training rank sends its slices to (its DP replica's turn)."""
+        return [e for e in range(self.place.engines) if self.rank in self._replica(e)]
+
+    def _start_sends(self, e: int):
+        return self.sender.start(self._transfer_link(e), list(range(self.place.tp_gen)), self._needs)
 
     # ---- generation ------------------------------------------------------------------------------
 

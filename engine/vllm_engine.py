@@ -90,11 +90,12 @@ class VLLMEngine:
         self._after_load()
 
     def receive(self, addr: str, port: int, prefix: str, size: int, senders: list, bucket_bytes: int,
-                timeout_s: float, needs: list | None = None, window_bytes: int = 2 << 30) -> int:
+                timeout_s: float, needs: list | None = None, window_bytes: int = 2 << 30, ahead: bool = False) -> int:
         """Every worker joins the transfer group (ranks 0 .. tp_gen - 1) and takes what it reads of its
-        senders' slices (needs: engine.vllm_worker.vllm_tp_shards); returns the bytes the engine received."""
+        senders' slices (needs: engine.vllm_worker.vllm_tp_shards), posting the next sync's receives
+        after its reload with `ahead`; returns the bytes the engine received."""
         got = self.llm.collective_rpc("trident_receive", args=(addr, port, prefix, 0, size, senders, bucket_bytes,
-                                                               timeout_s, needs, window_bytes))
+                                                               timeout_s, needs, window_bytes, ahead))
         self._after_load()
         return sum(got)
 

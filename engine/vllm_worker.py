@@ -85,13 +85,16 @@ class WeightSyncExtension:
 
     def trident_receive(self, addr: str, port: int, prefix: str, rank: int, size: int, senders: list,
                         bucket_bytes: int, timeout_s: float, needs: list | None = None,
-                        window_bytes: int = 2 << 30) -> int:
+                        window_bytes: int = 2 << 30, ahead: bool = False) -> int:
         """Reload from the owners' slices sent over the network (parallel.reshard.WireSender): join the
         engine's transfer group once, receive into full tensors, reload from them. `senders` is
         [(group rank, wire specs)]; this worker is group rank `rank` + its rank in vLLM and takes only
         what needs[its rank] says it reads (vllm_tp_shards). vLLM's loaders cut their shard from full
         tensors, so a model of up to `window_bytes` is received into one buffer kept across syncs; a
-        larger one a window at a time into fresh tensors, freed once reloaded. Returns the bytes received."""
+        larger one a window at a time into fresh tensors, freed once reloaded. With `ahead` and one
+        buffer, the next sync's receives are posted as soon as this reload is done: the trainers' next
+        weights land while the engine generates, and that sync only waits for what is still on the
+        wire. Returns the bytes received."""
         from parallel import comm, reshard
 
         cache = self.__dict__.setdefault("_trident_wire", {})
@@ -110,20 +113,27 @@ class WeightSyncExtension:
                 full = {name: reshard.view(buf, entry) for name, entry in layout.items()}
             cache[prefix] = (link, full, device)
         link, full, device = cache[prefix]
-        got = [0, 0.0]
         mine = needs[self.rank] if needs else None
+
+        def one_sync():
+            # gloo's receives are CPU work in this process: run beside the reload they slow its (OpenMP)
+            # copies more than they save (L's 59 MB on 2 cores: a sync took 0.088-0.091 s streamed,
+            # 0.071 s received first); with NCCL a tensor reaches the layerwise reload as its last slice lands
+            return reshard.Receive(link, [(src, reshard.cut(specs, mine)) for src, specs in senders], bucket_bytes,
+                                   full, device, window_bytes, overlap=link.backend != "gloo")
+
+        posted = self.__dict__.setdefault("_trident_posted", {})
+        into = posted.pop(prefix, None) or one_sync()
         t0 = time.perf_counter()
-        # gloo's receives are CPU work in this process: run beside the reload they slow its (OpenMP)
-        # copies more than they save (L's 59 MB on 2 cores: a sync took 0.088-0.091 s streamed,
-        # 0.071 s received first); with NCCL a tensor reaches the layerwise reload as its last slice lands
-        arriving = reshard.receive(link, [(src, reshard.cut(specs, mine)) for src, specs in senders], bucket_bytes,
-                                   full, device, got, window_bytes, overlap=link.backend != "gloo")
+        arriving = iter(into)
         self.model_runner.reload_weights(weights_iterator=arriving, is_checkpoint_format=True)
         for _ in arriving:  # every posted receive completes, whatever the reload took
             pass
         self._trident_refresh_tied_head()
-        self._trident_receive_s = (got[1], time.perf_counter() - t0 - got[1])
-        return got[0]
+        self._trident_receive_s = (into.waited, time.perf_counter() - t0 - into.waited)
+        if ahead and full:  # the buffer is free again: the next weights may land in it from now on
+            posted[prefix] = one_sync().start()
+        return into.got
 
     def trident_receive_times(self) -> tuple[float, float]:
         """Seconds the last trident_receive spent waiting on its receives and the rest (vLLM's reload,

@@ -230,15 +230,15 @@ class WireSender:
             self._plans[key] = (specs, parts, plan, torch.empty(packed, dtype=torch.uint8, device=device))
         return self._plans[key]
 
-    def send(self, link, dsts: list[int], needs: list[dict | None] | None = None) -> int:
-        """Send group rank dsts[k] what needs[k] reads (everything without needs); returns the bytes
-        this rank put on the wire. Blocks until the receivers have taken them (they post their
-        receives before waiting)."""
+    def start(self, link, dsts: list[int], needs: list[dict | None] | None = None) -> "Sends":
+        """Start sending group rank dsts[k] what needs[k] reads (everything without needs) and return at
+        once. The receivers take the bytes whenever they post their receives (before or after this);
+        this rank's parameters must not change until the returned Sends are waited on."""
         groups: dict[str, tuple] = {}  # receivers that read the same get the same packed messages
         for k, dst in enumerate(dsts):
             need = needs[k] if needs else None
             groups.setdefault(json.dumps(need, sort_keys=True), (need, []))[1].append(dst)
-        works, sent = [], 0
+        works, bufs, sent = [], [], 0
         for need, group in groups.values():
             specs, parts, plan, staging = self._plan(need)
             at = 0
@@ -254,18 +254,35 @@ class WireSender:
                         buf[off:off + n].view(part.dtype).view(part.shape).copy_(part)
                         off += n
                 works += [link.send(buf, dst, tag) for dst in group]
+                bufs.append(buf)  # a non-contiguous part's copy lives until its sends are done
                 sent += buf.numel() * buf.element_size() * len(group)
-        for work in works:
-            work.wait()
         self.last_bytes = sent
-        return sent
+        return Sends(works, bufs, sent)
+
+    def send(self, link, dsts: list[int], needs: list[dict | None] | None = None) -> int:
+        """start, then wait until the receivers have taken everything; returns the bytes this rank put
+        on the wire."""
+        return self.start(link, dsts, needs).wait()
 
 
-def receive(link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, full: dict[str, torch.Tensor],
-            device=None, counter: list | None = None, window_bytes: int | None = None, overlap: bool = True):
-    """Receive every sender's messages ((group rank, wire_specs) each) into full tensors, yielding
-    (name, tensor) as soon as a tensor's last slice has landed, so a consumer (vLLM's layerwise
-    `reload_weights`) can work while later messages are still on the wire.
+@dataclass
+class Sends:
+    """A sender's messages in flight (WireSender.start)."""
+    works: list
+    bufs: list
+    nbytes: int
+
+    def wait(self) -> int:
+        for work in self.works:
+            work.wait()
+        self.works, self.bufs = [], []
+        return self.nbytes
+
+
+class Receive:
+    """One sync's receives of every sender's messages ((group rank, wire_specs) each) into full tensors;
+    iterating yields (name, tensor) as soon as a tensor's last slice has landed, so a consumer (vLLM's
+    layerwise `reload_weights`) can work while later messages are still on the wire.
 
     A tensor in `full` is received into (a buffer kept across syncs); any other is allocated on
     `device` when its first message is posted and forgotten once yielded. Receives are posted in
@@ -274,79 +291,100 @@ def receive(link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, ful
     next window before this one's tensors are yielded (the transfer runs under the consumer: NCCL);
     otherwise each window is drained before anything of it is yielded (gloo, whose receives are CPU
     work that would slow the consumer). A direct message lands in place when its destination is
-    contiguous. `counter` gets [bytes received, seconds spent waiting on receives]."""
-    order = []  # (tag, src, first, end, direct, specs): waited in this order, so tensors complete early
-    for src, specs in senders:
-        order += [(tag, src, first, end, direct, specs) for tag, (first, end, direct) in
-                  enumerate(messages(specs, bucket_bytes))]
-    order.sort(key=lambda m: (m[0], m[1]))
-    windows, fresh, new_bytes, seen = [[]], {}, 0, set(full)
-    for m in order:
-        unseen = {spec[0]: spec for spec in m[5][m[2]:m[3]] if spec[0] not in seen}
-        extra = sum(_full_bytes(spec) for spec in unseen.values())
-        if window_bytes is not None and windows[-1] and new_bytes + extra > window_bytes:
-            windows.append([])
-            new_bytes = 0
-        windows[-1].append(m)
-        new_bytes += extra
-        seen.update(unseen)
-    missing: dict[str, int] = {}
-    for _, _, first, end, _, specs in order:
-        for spec in specs[first:end]:
-            missing[spec[0]] = missing.get(spec[0], 0) + 1
+    contiguous. `start` posts the first window now: the senders' bytes then land while the receiver
+    does other work (generates), and iterating later only waits for what is still on the wire.
+    `got` and `waited` count the bytes received and the seconds spent waiting on receives."""
 
-    def tensor(spec):
+    def __init__(self, link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, full: dict,
+                 device=None, window_bytes: int | None = None, overlap: bool = True):
+        self.link, self.full, self.device, self.overlap = link, full, device, overlap
+        order = []  # (tag, src, first, end, direct, specs): waited in this order, so tensors complete early
+        for src, specs in senders:
+            order += [(tag, src, first, end, direct, specs) for tag, (first, end, direct) in
+                      enumerate(messages(specs, bucket_bytes))]
+        order.sort(key=lambda m: (m[0], m[1]))
+        self.windows, new_bytes, seen = [[]], 0, set(full)
+        for m in order:
+            unseen = {spec[0]: spec for spec in m[5][m[2]:m[3]] if spec[0] not in seen}
+            extra = sum(_full_bytes(spec) for spec in unseen.values())
+            if window_bytes is not None and self.windows[-1] and new_bytes + extra > window_bytes:
+                self.windows.append([])
+                new_bytes = 0
+            self.windows[-1].append(m)
+            new_bytes += extra
+            seen.update(unseen)
+        self.missing: dict[str, int] = {}
+        for _, _, first, end, _, specs in order:
+            for spec in specs[first:end]:
+                self.missing[spec[0]] = self.missing.get(spec[0], 0) + 1
+        self.fresh: dict[str, torch.Tensor] = {}
+        self.posted = None
+        self.got, self.waited = 0, 0.0
+
+    def start(self) -> "Receive":
+        """Post the first window's receives now (all of them when everything fits one window)."""
+        if self.posted is None:
+            self.posted = self._post(self.windows[0])
+        return self
+
+    def _tensor(self, spec) -> torch.Tensor:
         name = spec[0]
-        if name in full:
-            return full[name]
-        if name not in fresh:
-            fresh[name] = torch.empty(spec[2], dtype=getattr(torch, spec[1]), device=device)
-        return fresh[name]
+        if name in self.full:
+            return self.full[name]
+        if name not in self.fresh:
+            self.fresh[name] = torch.empty(spec[2], dtype=getattr(torch, spec[1]), device=self.device)
+        return self.fresh[name]
 
-    def place(spec):
+    def _place(self, spec) -> torch.Tensor:
         _, _, _, dim, start, length, _ = spec
-        return tensor(spec) if dim is None else tensor(spec).narrow(dim, start, length)
+        return self._tensor(spec) if dim is None else self._tensor(spec).narrow(dim, start, length)
 
-    def post(window):
+    def _post(self, window) -> list:
         out = []
         for tag, src, first, end, direct, specs in window:
-            dst = place(specs[first]) if direct else None
+            dst = self._place(specs[first]) if direct else None
             in_place = dst is not None and dst.is_contiguous()
-            into = dst if in_place else torch.empty(_nbytes(specs[first:end]), dtype=torch.uint8, device=device)
-            out.append((link.recv(into, src, tag), into, specs[first:end], in_place))
+            into = dst if in_place else torch.empty(_nbytes(specs[first:end]), dtype=torch.uint8, device=self.device)
+            out.append((self.link.recv(into, src, tag), into, specs[first:end], in_place))
         return out
 
-    got, waited = 0, 0.0
-
-    def land(work, into, specs, in_place):
-        nonlocal got, waited
+    def _land(self, work, into, specs, in_place) -> list:
         t0 = time.perf_counter()
         work.wait()
-        waited += time.perf_counter() - t0
+        self.waited += time.perf_counter() - t0
         at, done = 0, []
         for spec in specs:
             name, dtype, nbytes = spec[0], spec[1], spec[-1]
             if not in_place:
-                dst = place(spec)
+                dst = self._place(spec)
                 dst.copy_(into[at:at + nbytes].view(getattr(torch, dtype)).view(dst.shape))
             at += nbytes
-            missing[name] -= 1
-            if not missing[name]:
-                done.append((name, full[name] if name in full else fresh.pop(name)))
-        got += into.numel() * into.element_size()
+            self.missing[name] -= 1
+            if not self.missing[name]:
+                done.append((name, self.full[name] if name in self.full else self.fresh.pop(name)))
+        self.got += into.numel() * into.element_size()
         return done
 
-    posted = post(windows[0])
-    for k in range(len(windows)):
-        ahead = post(windows[k + 1]) if overlap and k + 1 < len(windows) else None
-        if overlap:
-            for message in posted:
-                yield from land(*message)
-        else:
-            yield from [item for message in posted for item in land(*message)]
-        posted = ahead if overlap or k + 1 == len(windows) else post(windows[k + 1])
+    def __iter__(self):
+        posted, windows = self.start().posted, self.windows
+        for k in range(len(windows)):
+            ahead = self._post(windows[k + 1]) if self.overlap and k + 1 < len(windows) else None
+            if self.overlap:
+                for message in posted:
+                    yield from self._land(*message)
+            else:
+                yield from [item for message in posted for item in self._land(*message)]
+            posted = ahead if self.overlap or k + 1 == len(windows) else self._post(windows[k + 1])
+
+
+def receive(link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, full: dict[str, torch.Tensor],
+            device=None, counter: list | None = None, window_bytes: int | None = None, overlap: bool = True):
+    """Receive one sync (see Receive), posting as it goes; `counter` gets [bytes received, seconds
+    spent waiting on receives]."""
+    into = Receive(link, senders, bucket_bytes, full, device, window_bytes, overlap)
+    yield from into
     if counter is not None:
-        counter[:] = [got, waited]
+        counter[:] = [into.got, into.waited]
 
 
 def _full_bytes(spec) -> int:

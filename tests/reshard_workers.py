@@ -43,7 +43,8 @@ def shared_file_with_adoption(rank, world, cfg, tp, dtype):
 def vllm_after_network_sync(rank, world, cfg, prompts, layouts):
     """TP2 x PP2 into colocated engines for each (engines, tp_gen, transfer, receive window MB) in turn:
     greedy and sampled output after an update, and the bytes each rank sent (wrote) and each engine
-    received."""
+    received; then a second update pushed ahead (sent while the engines generate with the first
+    update's weights), and greedy output before and after its sync."""
     state = build_state(rank, 2, 2, world // 4, torch.device("cpu"))
     chunks = build_chunks(RandomSource(cfg, seed=0), cfg, ParallelConfig(tp=2, pp=2), state, torch.float32)
     results = []
@@ -58,8 +59,16 @@ def vllm_after_network_sync(rank, world, cfg, prompts, layouts):
             seconds = vllm.sync(chunks)
             greedy = vllm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
             sampled = vllm.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
+            sent, received = vllm.last_sync_bytes, vllm.last_engine_bytes
+            for c in chunks:
+                load_into(c, RandomSource(cfg, seed=2))
+            vllm.push(chunks)
+            under_push = vllm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+            vllm.sync(chunks)
+            pushed = vllm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
             results.append({"responses": greedy.responses, "sampled": sampled.responses, "logprobs": sampled.logprobs,
-                            "sent": vllm.last_sync_bytes, "received": vllm.last_engine_bytes,
+                            "under_push": under_push.responses, "pushed": pushed.responses,
+                            "sent": sent, "received": received, "pushed_sent": vllm.last_sync_bytes,
                             "owned": sum(s[-1] for s in vllm.sender.specs) if transfer == "network" else None,
                             "model_bytes": vllm.target.model_bytes() if transfer == "shm" else None,
                             "host": vllm.engine is not None,

@@ -21,9 +21,10 @@ def test_separate_engine_on_another_node_equals_one_node(vllm_actor, tmp_path):
 
 
 def test_stalled_engine_ends_the_run_naming_it(vllm_actor, tmp_path):
-    """The engine hangs before its second weight sync: the trainer's transfer times out naming it, and
-    the hung engine's watchdog ends its node too (a dead engine: tests/test_ray.py)."""
-    fault, expect = {"TRIDENT_STALL_AT": "engine:sync:2"}, "weight transfer to rollout engine 0 failed"
+    """The engine hangs before its second weight sync: the trainer's wait for that sync times out naming
+    it (its workers posted their receives ahead, so the bytes themselves went through), and the hung
+    engine's watchdog ends its node too (a dead engine: tests/test_ray.py)."""
+    fault, expect = {"TRIDENT_STALL_AT": "engine:sync:2"}, "rollout engine 0's weight sync"
     codes, out, seconds = run_nodes(_args(vllm_actor, tmp_path / "run", 4, "--rollout.placement=separate",
                                           "--rollout.timeout_s=8"),
                                     env={**fault, "TRIDENT_CRASH_RANK": "1"}, timeout=300)

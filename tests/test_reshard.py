@@ -136,3 +136,53 @@ def test_a_receiver_without_a_buffer_holds_a_window_of_full_tensors_not_the_mode
     assert sorted(got) == sorted(full) and all(torch.equal(got[n], full[n]) for n in full)
     outstanding = [sum(events[:i + 1]) for i in range(len(events))]
     assert max(outstanding) == most_kb << 10, max(outstanding) >> 10
+
+
+def test_receives_posted_ahead_take_the_bytes_before_the_receiver_waits():
+    """A receiver that posts its receives ahead (Receive.start, as an engine worker does after each
+    reload) takes two senders' 4 MB of slices while it is busy elsewhere: both senders' sends complete
+    before the receiver looks at them, and what it then yields, without waiting, is the senders' data.
+    Two rounds into one kept buffer, as successive weight syncs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from parallel import comm
+    from parallel.reshard import Piece, Receive, WireSender, wire_specs
+
+    rounds = [{f"T{i}": torch.randn(512, 512, generator=torch.Generator().manual_seed(10 * r + i)) for i in range(2)}
+              for r in range(2)]
+    full = {n: torch.zeros(512, 512) for n in rounds[0]}
+    store = comm.tcp_store("127.0.0.1", 0, host=True, timeout_s=60)
+    sent = [threading.Event() for _ in range(2)]
+    posted = [threading.Event() for _ in range(2)]
+
+    def pieces(s, r):
+        return [Piece(n, (512, 512), 0, 256 * s, 256, t.narrow(0, 256 * s, 256).clone()) for n, t in rounds[r].items()]
+
+    def member(rank):
+        link = comm.Link(comm.tcp_store("127.0.0.1", store.port, host=False, timeout_s=60), "a", rank, 3, 60)
+        if rank:
+            for r in range(2):
+                posted[r].wait(30)
+                sender = WireSender(pieces(rank - 1, r), bucket_bytes=1 << 20)
+                sender.start(link, [0]).wait()  # returns once the receiver has taken everything
+                sent[r].set()
+            return None
+        specs = [(1 + s, wire_specs(pieces(s, 0))) for s in (0, 1)]
+        out = []
+        for r in range(2):
+            into = Receive(link, specs, 1 << 20, full).start()
+            posted[r].set()
+            both_sent = sent[r].wait(30)  # the receiver does other work meanwhile
+            done = {n: t.clone() for n, t in into}
+            out.append((both_sent, done, into.got))
+        return out
+
+    with ThreadPoolExecutor(3) as pool:
+        got, *_ = [f.result(timeout=120) for f in [pool.submit(member, r) for r in (0, 1, 2)]]
+    for (both_sent, done, nbytes), expect in zip(got, rounds):
+        assert both_sent
+        assert sorted(done) == sorted(expect) and all(torch.equal(done[n], expect[n]) for n in expect)
+        assert nbytes == 2 * 512 * 512 * 4

@@ -94,7 +94,10 @@ def test_reshard_from_tp2_pp2_over_the_network():
     output equals the native sampler's, sampled log-probs the trainer's recompute, and every rank
     sends only what it owns, to each engine worker only the shard that worker reads. The TP2 engine's
     workers keep no receive buffer (a 1 MB window for 2.5 MB of full tensors): they receive a window
-    at a time into fresh tensors that vLLM's layerwise reload holds until each layer is complete."""
+    at a time into fresh tensors that vLLM's layerwise reload holds until each layer is complete.
+    A second update pushed ahead lands while the engines generate (the TP1 workers posted their
+    receives after the last reload; the TP2 ones, with no buffer, post them at the sync): what they
+    generate meanwhile is still the first update's, and after the sync the second's."""
     from tests import reshard_workers
     from tests.distributed import run_ranks
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
@@ -107,6 +110,10 @@ def test_reshard_from_tp2_pp2_over_the_network():
     model = Transformer(cfg, ParallelState())
     load_into(model, RandomSource(cfg, seed=1))
     native = NativeRollout(model, EOS, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    second = Transformer(cfg, ParallelState())
+    load_into(second, RandomSource(cfg, seed=2))
+    native2 = NativeRollout(second, EOS, PAD).generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    assert native2.responses != native.responses
     for i, (engines, tp_gen, *_) in enumerate(layouts):
         ranks = [r[i] for r in per_rank]
         worst = 0.0
@@ -125,6 +132,8 @@ def test_reshard_from_tp2_pp2_over_the_network():
         for r in ranks:
             assert r["responses"] == native.responses
             assert r["sampled"] == ranks[0]["sampled"]
+            assert r["under_push"] == native.responses and r["pushed"] == native2.responses
+            assert r["pushed_sent"] == r["sent"]
         assert worst < 1e-3
         # each engine worker gets its shard of every tensor and the norms whole (nothing else is
         # replicated here: 2 KV heads, vocab 300 in vLLM's padded halves [0, 160) and [160, 300))

@@ -104,7 +104,7 @@ def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 
     if trainer.rollout.name == "vllm":
         res.update(_sync_overhead(trainer, res["sync_s"]))
         if network:
-            res.update(_network_transfer(trainer))
+            res.update(_network_transfer(trainer, prompts, trainer.sampling(0)))
     if size_name in TRL_SECONDS:
         res["trl_step_s"] = TRL_SECONDS[size_name]["step_s"]
         res["speedup_vs_trl"] = round(res["trl_step_s"] / res["step_s"], 2)
@@ -135,13 +135,18 @@ def _sync_overhead(trainer, step_sync_s: float, rounds: int = 5) -> dict:
             "sync_bytes": rollout.last_sync_bytes, "sync_bytes_copied": rollout.target.last_copied}
 
 
-def _network_transfer(trainer, rounds: int = 5, settle_s: float = 1.1) -> dict:
+def _network_transfer(trainer, prompts, params, rounds: int = 5, settle_s: float = 1.1) -> dict:
     """The network path (transfer network: the owners' slices over a gloo transfer group that a second
     engine's worker joins) against the shared-memory path of the run's own engine and against vLLM's
     `reload_weights` of the same tensors inside that second engine, alternating. Each is timed after
     `settle_s` of quiet: vLLM's workers spin (sched_yield) for 1 s after a request, and on 2 cores the
     other engine's spin would take a core from the transfer's two ends; every timed call thus also
-    wakes its worker from idle, as a sync after a training step does."""
+    wakes its worker from idle, as a sync after a training step does.
+
+    Two network syncs: synchronous rollouts (the transfer starts at the sync, into receives the worker
+    posted after its last reload), and async ones (the weights pushed as an update ends, landing while
+    the engine generates the next batch; the sync after that generation is what a step waits for). The
+    async case also times that generation against one with no transfer under it."""
     from safetensors.torch import save
 
     from engine.rollout import VLLMRollout
@@ -152,20 +157,37 @@ def _network_transfer(trainer, rounds: int = 5, settle_s: float = 1.1) -> dict:
         llm = net.engine.llm  # one rank: every piece is a whole tensor
         llm.collective_rpc("trident_stage", args=(save({p.name: p.tensor.clone() for p in net.sender.pieces}),))
         times: dict[str, list[float]] = {k: [] for k in ("shm", "network", "receiving", "reloading", "reload",
-                                                         "reload_inside")}
+                                                         "reload_inside", "ahead", "ahead_receiving",
+                                                         "gen_under_push", "gen_alone")}
+
+        def network_sync(key: str) -> None:
+            times[key].append(net.sync(chunks))
+            (receiving, reloading), = llm.collective_rpc("trident_receive_times")
+            times["receiving" if key == "network" else "ahead_receiving"].append(receiving)
+            if key == "network":
+                times["reloading"].append(reloading)
+
         for _ in range(rounds):
             time.sleep(settle_s)
             times["shm"].append(shm.sync(chunks))
             time.sleep(settle_s)
-            times["network"].append(net.sync(chunks))
-            (receiving, reloading), = llm.collective_rpc("trident_receive_times")
-            times["receiving"].append(receiving)
-            times["reloading"].append(reloading)
+            network_sync("network")
             time.sleep(settle_s)
             t0 = time.perf_counter()
             inside, = llm.collective_rpc("trident_reload_staged")
             times["reload"].append(time.perf_counter() - t0)
             times["reload_inside"].append(inside)
+            time.sleep(settle_s)
+            t0 = time.perf_counter()
+            net.push(chunks)  # as an async step does when its update ends
+            net.generate(prompts, params)
+            times["gen_under_push"].append(time.perf_counter() - t0)
+            time.sleep(settle_s)
+            network_sync("ahead")
+            time.sleep(settle_s)
+            t0 = time.perf_counter()
+            net.generate(prompts, params)
+            times["gen_alone"].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         return {"network_sync_s": round(med["network"], 4), "shm_sync_s": round(med["shm"], 4),
                 # inside the engine's worker: the transfer, then vLLM's reload from what it received
@@ -174,6 +196,12 @@ def _network_transfer(trainer, rounds: int = 5, settle_s: float = 1.1) -> dict:
                 "network_reload_weights_inside_s": round(med["reload_inside"], 4),
                 "network_vs_reload": round(med["network"] / med["reload"], 3),
                 "network_vs_shm": round(med["network"] / med["shm"], 3),
+                # async rollouts: the weights sent under the engine's generation, then the sync
+                "network_ahead_sync_s": round(med["ahead"], 4),
+                "network_ahead_receive_s": round(med["ahead_receiving"], 4),
+                "network_ahead_vs_reload": round(med["ahead"] / med["reload"], 3),
+                "generation_under_push_s": round(med["gen_under_push"], 4),
+                "generation_alone_s": round(med["gen_alone"], 4),
                 "network_bytes_sent": net.last_sync_bytes, "network_bytes_received": net.last_engine_bytes,
                 "shm_bytes_placed": shm.last_sync_bytes}
     finally:
@@ -201,6 +229,11 @@ def format_result(res: dict) -> list[str]:
                      f"({res['network_vs_reload']:.2f}x); inside the worker {res['network_receive_s']:.4f} s "
                      f"receiving, then {res['network_reload_s']:.4f} s reloading (bare reload_weights "
                      f"{res['network_reload_weights_inside_s']:.4f} s)")
+        lines.append(f"network transfer ahead (async rollouts: pushed as the update ends, landing under the "
+                     f"engine's generation) {res['network_ahead_sync_s']:.4f} s at the sync "
+                     f"({res['network_ahead_vs_reload']:.2f}x reload_weights; {res['network_ahead_receive_s']:.4f} s "
+                     f"of it waiting on receives); the generation it ran under {res['generation_under_push_s']:.3f} s, "
+                     f"{res['generation_alone_s']:.3f} s with no transfer")
     if "speedup_vs_trl" in res:
         lines.append(f"TRL 1.12 PPOTrainer, same settings: {res['trl_step_s']:.2f} s/step -> "
                      f"{res['speedup_vs_trl']:.2f}x faster")
