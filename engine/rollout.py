@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampler import SamplingParams, generate
-from engine.engine_ranks import host_address, use_engine_devices, watch
+from engine.engine_ranks import host_address, use_engine_devices, watch, yield_cpu_to_trainers
 from engine.vllm_engine import VLLMEngine, vllm_available  # noqa: F401 (public name)
 from engine.vllm_worker import vllm_tp_shards
 from engine.weights import adopt_parameters, local_pieces
@@ -141,6 +141,7 @@ class VLLMRollout:
         self.hf_cfg = start["hf_cfg"]
         if self.rank in self.place.hosts:
             use_engine_devices(tp_gen)
+            yield_cpu_to_trainers()
             self.engine = self._start_host(start)
         self.worker_frozen_objects = self.engine.worker_frozen_objects if self.engine else []
         return self

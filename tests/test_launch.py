@@ -80,3 +80,23 @@ def test_freeze_heap_takes_set_up_objects_out_of_full_collections():
         assert gc.get_freeze_count() >= before + len(set_up)
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroup scheduler")
+def test_a_separate_engine_rank_lowers_its_own_session_only():
+    """An engine rank that leads its session (as torchrun starts every rank) puts that session's
+    autogroup, which its vLLM processes share, at nice 19; a process inside another's session (a
+    one-process run, whose session holds the trainer) leaves it alone."""
+    probe = ("import os, sys; from engine.engine_ranks import yield_cpu_to_trainers; "
+             "print(yield_cpu_to_trainers(), open('/proc/self/autogroup').read().split()[-1], os.getsid(0) == os.getpid())")
+
+    def run(new_session):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             start_new_session=new_session, env={**os.environ, "PYTHONPATH": ROOT})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    before = open("/proc/self/autogroup").read().split()[-1]
+    assert run(True) == ["True", "19", "True"]
+    assert run(False) == ["False", before, "False"]
+    assert open("/proc/self/autogroup").read().split()[-1] == before

@@ -56,13 +56,16 @@ def test_vllm_after_sync_matches_native_greedy_and_logprobs():
 def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
     """The whole PPO step (vLLM rollout after a reshard, pipelined scoring, actor and critic in one
     shared schedule, a sequence-level loss aggregation with clip-higher and a KL loss) at TP2 x PP2
-    gives one rank's statistics."""
+    gives one rank's statistics. The same run with the engine on a torchrun "node" of its own (placement
+    separate: the weights over the network only, the results back as tensors) equals the one-rank run
+    bit for bit, and so does the one-rank run resumed from its step-1 checkpoint."""
     from tests import train_workers
     from tests.distributed import run_ranks
     from tests.hf_models import save_hf_model
+    from tests.multinode import history, run_nodes, untimed
     save_hf_model("llama", tmp_path / "actor", vocab_size=384, hidden_size=128, intermediate_size=256,
                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    args = [f"--actor={tmp_path}/actor", "--rollout.backend=vllm", "--steps=2", "--rollout.prompts_per_step=8",
+    args = [f"--actor={tmp_path}/actor", "--rollout.backend=vllm", "--steps=3", "--rollout.prompts_per_step=8",
             "--rollout.max_new_tokens=6", "--eval.path=null", "--export_hf=false", "--algo.micro_batch_size=2",
             '--reward.rules={"tests.ppo_rewards:text_length": 1.0}', "--actor_lr=1e-3", "--critic_lr=1e-3",
             # the stabilisers of the RL-algorithms issue, under TP, PP and the shared schedule (4 micro-batches)
@@ -78,14 +81,15 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
             for k in keys:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a, b)
     assert one[1]["kl"] != 0
+    codes, out, _ = run_nodes(args + [f"--out_dir={tmp_path}/two", "--rollout.placement=separate"])
+    assert codes == [0, 0], out[-3000:]
+    assert untimed(history(tmp_path / "two")) == untimed(one)
     # resumed from step 1 (a fresh engine gets the resumed actor before it generates, and vLLM's
-    # per-request seeds draw the same samples), step 2 is the uninterrupted run's, bit for bit
+    # per-request seeds draw the same samples), steps 2 and 3 are the uninterrupted run's, bit for bit
     resumed = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/resumed",
                                                              f"--resume={tmp_path}/one/checkpoints/step-00000001"],
                         timeout=900)[0]
-    timing = ("_s", "gen_tokens_per_s")
-    assert [{k: v for k, v in x.items() if not k.endswith(timing)} for x in resumed] == \
-        [{k: v for k, v in x.items() if not k.endswith(timing)} for x in one[1:]]
+    assert untimed(resumed) == untimed(one[1:])
 
 
 def test_reshard_from_tp2_pp2_over_the_network():
