@@ -205,7 +205,7 @@ def cut(specs: list[tuple], need: dict | None) -> list[tuple]:
 
 class WireSender:
     """Sends this rank's owned slices to receivers that rebuild full tensors (vLLM's workers:
-    parallel.reshard.receive), each receiver only the parts it reads. Each byte leaves its owner once
+    parallel.reshard.Receive), each receiver only the parts it reads. Each byte leaves its owner once
     per receiver that reads it; nothing is gathered; large slices go straight from the parameters,
     small ones through a reused staging buffer per distinct need."""
 
@@ -375,16 +375,6 @@ class Receive:
             else:
                 yield from [item for message in posted for item in self._land(*message)]
             posted = ahead if self.overlap or k + 1 == len(windows) else self._post(windows[k + 1])
-
-
-def receive(link, senders: list[tuple[int, list[tuple]]], bucket_bytes: int, full: dict[str, torch.Tensor],
-            device=None, counter: list | None = None, window_bytes: int | None = None, overlap: bool = True):
-    """Receive one sync (see Receive), posting as it goes; `counter` gets [bytes received, seconds
-    spent waiting on receives]."""
-    into = Receive(link, senders, bucket_bytes, full, device, window_bytes, overlap)
-    yield from into
-    if counter is not None:
-        counter[:] = [into.got, into.waited]
 
 
 def _full_bytes(spec) -> int:

@@ -44,7 +44,7 @@ def test_vllm_cpu_binding_shares_the_cores_and_leaves_the_environment_alone(monk
 
 
 def test_each_receiver_is_sent_only_the_shard_it_reads():
-    """WireSender to reshard.receive over one gloo link (four threads of this process): two training
+    """WireSender to reshard.Receive over one gloo link (four threads of this process): two training
     ranks own row halves of W and A and column halves of B, and the norm N and embedding E whole; two
     receivers (vLLM TP workers) read row and column ranges that straddle the owners' cut. What each
     receiver reads equals the full tensor there, and it was sent the overlaps only, by their owners."""
@@ -53,7 +53,7 @@ def test_each_receiver_is_sent_only_the_shard_it_reads():
     import torch
 
     from parallel import comm
-    from parallel.reshard import Piece, WireSender, cut, receive, wire_specs
+    from parallel.reshard import Piece, Receive, WireSender, cut, wire_specs
 
     g = torch.Generator().manual_seed(0)
     full = {n: torch.randn(*s, generator=g) for n, s in
@@ -77,10 +77,9 @@ def test_each_receiver_is_sent_only_the_shard_it_reads():
         if rank >= 2:  # a training rank
             return WireSender(pieces[rank - 2], bucket_bytes=1 << 10).send(link, [0, 1], needs)
         into = {n: torch.zeros_like(t) for n, t in full.items()}
-        got = [0]
-        done = [n for n, _ in receive(link, [(2 + s, cut(specs[s], needs[rank])) for s in (0, 1)], 1 << 10, into,
-                                      counter=got)]
-        return into, done, got[0]
+        receiving = Receive(link, [(2 + s, cut(specs[s], needs[rank])) for s in (0, 1)], 1 << 10, into)
+        done = [n for n, _ in receiving]
+        return into, done, receiving.got
 
     with ThreadPoolExecutor(4) as pool:
         *sent, r0, r1 = [f.result(timeout=120) for f in [pool.submit(member, r) for r in (2, 3, 0, 1)]]
@@ -104,7 +103,7 @@ def test_a_receiver_without_a_buffer_holds_a_window_of_full_tensors_not_the_mode
     import torch
 
     from parallel import comm
-    from parallel.reshard import Piece, WireSender, receive, wire_specs
+    from parallel.reshard import Piece, Receive, WireSender, wire_specs
 
     full = {f"T{i}": torch.randn(64, 256, generator=torch.Generator().manual_seed(i)) for i in range(6)}
     pieces = [[Piece(n, (64, 256), 0, 32 * s, 32, t.narrow(0, 32 * s, 32).clone()) for n, t in full.items()]
@@ -125,7 +124,7 @@ def test_a_receiver_without_a_buffer_holds_a_window_of_full_tensors_not_the_mode
             return WireSender(pieces[rank - 1], bucket_bytes=40 << 10).send(link, [0])
         window = None if window_kb is None else window_kb << 10
         got = {}
-        for name, t in receive(link, [(1 + s, wire_specs(pieces[s])) for s in (0, 1)], 40 << 10, {},
+        for name, t in Receive(link, [(1 + s, wire_specs(pieces[s])) for s in (0, 1)], 40 << 10, {},
                                window_bytes=window, overlap=overlap):
             events.append(-t.numel() * t.element_size())
             got[name] = t.clone()
