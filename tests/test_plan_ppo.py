@@ -79,6 +79,10 @@ def test_search_recommends_a_placement_and_explains_it(capsys):
         assert r["overlapped_step_s"] <= r["step_s"] + 1e-12
         if r["placement"] == "separate":  # whole nodes each once the job spans nodes
             assert r["gen_gpus"] % 8 == 0 and r["train_gpus"] % 8 == 0
+            # async rollouts: the next batch generates under scoring + training + the weights' transfer
+            fixed = EngineCalibration().sync_fixed_s
+            assert r["overlapped_step_s"] == pytest.approx(
+                max(r["gen_s"], r["score_s"] + r["train_s"] + r["sync_s"] - fixed) + fixed)
     # synchronous PPO leaves separate GPUs idle half the step: colocated wins
     assert ranked[0]["placement"] == "colocated"
     assert plan.main(["ppo", "--hidden", "4096", "--layers", "32", "--heads", "32", "--ffn", "11008",

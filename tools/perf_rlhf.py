@@ -198,9 +198,11 @@ def plan_ppo(job: PPOJob, gpus: int, gpu: GPU, precision: str = "bf16", cal: Cal
             same_node = mode == "colocated" or gpus <= gpu.per_node
             sy = sync(job, lay, tp_g, engines, gpu, ecal, same_node)
             step = g["gen_s"] + sy + t["score_s"] + t["train_s"]
-            # separate engines could generate step k + 1 while step k trains (asynchronous rollouts,
-            # policy lag 1; not in trident yet): what that placement would then cost per step
-            overlapped = max(g["gen_s"], t["score_s"] + t["train_s"]) + sy if mode == "separate" else step
+            # separate engines with rollout.async generate step k + 1 while step k trains (policy lag
+            # 1), and the new weights travel from the update's end while they still generate
+            # (rollout.transfer_ahead): only the reload's fixed cost stays on the step's path
+            overlapped = (max(g["gen_s"], t["score_s"] + t["train_s"] + sy - ecal.sync_fixed_s) + ecal.sync_fixed_s
+                          if mode == "separate" else step)
             out.append({"placement": mode, "gen_gpus": gen_gpus, "train_gpus": train_gpus, "engine_tp": tp_g,
                         "engines": engines, "train_layout": {k: getattr(lay, k) for k in
                                                              ("tp", "pp", "dp", "micro_batch", "recompute", "zero")},
