@@ -71,7 +71,8 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
             # the stabilisers of the RL-algorithms issue, under TP, PP and the shared schedule (4 micro-batches)
             "--algo.loss_agg=seq-mean-token-mean", "--algo.clip_eps_high=0.28", "--algo.kl_mode=loss",
             "--algo.kl_estimator=k3", "--algo.kl_clamp=5"]
-    one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one", "--checkpoint.save_every=1"],
+    one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one", "--checkpoint.save_every=1",
+                                                            "--checkpoint.keep_last=3"],
                     timeout=900)[0]
     four = run_ranks(4, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/four", "--parallel.tp=2",
                                                          "--parallel.pp=2"], timeout=900)
