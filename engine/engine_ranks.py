@@ -59,21 +59,31 @@ def _kill_children() -> None:
 
 
 def yield_cpu_to_trainers(niceness: int = 19) -> bool:
-    """Put this engine rank's session, which its vLLM processes join, at the lowest priority. vLLM's
+    """Put this engine rank, and the vLLM processes it starts, at the lowest CPU priority. vLLM's
     engine and worker busy-poll for ~1 s after every request and are reniced for that
-    (vllm_engine._renice_children), but Linux's autogroup scheduler shares the CPU between sessions
-    first and applies nice only within one, and torchrun starts every rank in a session of its own:
-    a separate engine's spin still took half of a shared host's cores from the trainers (measured:
-    the two-node demo on one 2-core box scored in 1.08 s a step, 0.12 s with this). Only when this
-    rank leads its session (torchrun's ranks do), so no other process is slowed; returns whether set."""
+    (vllm_engine._renice_children), but a separate engine's spin still took half of a shared host's
+    cores from the trainers (measured: the two-node demo on one 2-core box scored in 1.08 s a step,
+    0.12 s with this). Two schedulers, so both knobs: Linux's autogroup shares the CPU between
+    sessions first and applies nice only within one (torchrun starts every rank in a session of its
+    own), so the session's autogroup nice is set where the kernel has one; where it has none, or the
+    process sits in a cpu cgroup, plain per-process nice is what competes, and children inherit it.
+    Only when this rank leads its session (torchrun's ranks do): in a one-process run the session
+    holds the trainer, which must not slow down. Returns whether either was set."""
     if os.getsid(0) != os.getpid():
         return False
+    lowered = False
     try:
         with open("/proc/self/autogroup", "w") as f:  # Linux with CONFIG_SCHED_AUTOGROUP
             f.write(str(niceness))
+        lowered = True
+    except OSError:  # no autogroup, or the session is in the root group, whose weight is fixed
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, max(niceness, os.getpriority(os.PRIO_PROCESS, 0)))
+        lowered = True
     except OSError:
-        return False
-    return True
+        pass
+    return lowered
 
 
 def use_engine_devices(tp_gen: int) -> None:
