@@ -59,30 +59,30 @@ def _kill_children() -> None:
 
 
 def yield_cpu_to_trainers(niceness: int = 19) -> bool:
-    """Put this engine rank, and the vLLM processes it starts, at the lowest CPU priority. vLLM's
-    engine and worker busy-poll for ~1 s after every request and are reniced for that
-    (vllm_engine._renice_children), but a separate engine's spin still took half of a shared host's
-    cores from the trainers (measured: the two-node demo on one 2-core box scored in 1.08 s a step,
-    0.12 s with this). Two schedulers, so both knobs: Linux's autogroup shares the CPU between
-    sessions first and applies nice only within one (torchrun starts every rank in a session of its
-    own), so the session's autogroup nice is set where the kernel has one; where it has none, or the
-    process sits in a cpu cgroup, plain per-process nice is what competes, and children inherit it.
-    Only when this rank leads its session (torchrun's ranks do): in a one-process run the session
-    holds the trainer, which must not slow down. Returns whether either was set."""
-    if os.getsid(0) != os.getpid():
-        return False
+    """Put this engine rank, the vLLM processes it starts, and its session where it leads one, at the
+    lowest CPU priority. vLLM's engine and worker busy-poll for ~1 s after every request and are
+    reniced for that (vllm_engine._renice_children), but a separate engine's spin still took half of
+    a shared host's cores from the trainers (measured: the two-node demo on one 2-core box scored in
+    1.08 s a step, 0.12 s with this). Two schedulers, so two knobs. Plain per-process nice, which
+    children inherit, is what competes where the kernel has no autogroup or the process sits in a cpu
+    cgroup; an engine rank never trains, so it is always safe (a Ray actor included). Linux's
+    autogroup shares the CPU between sessions first and applies nice only within one, and torchrun
+    starts every rank in a session of its own, so a session leader also sets its autogroup's nice;
+    a rank inside another's session (spawned by a test harness, whose session holds the trainers)
+    must not. Returns whether either was set."""
     lowered = False
-    try:
-        with open("/proc/self/autogroup", "w") as f:  # Linux with CONFIG_SCHED_AUTOGROUP
-            f.write(str(niceness))
-        lowered = True
-    except OSError:  # no autogroup, or the session is in the root group, whose weight is fixed
-        pass
     try:
         os.setpriority(os.PRIO_PROCESS, 0, max(niceness, os.getpriority(os.PRIO_PROCESS, 0)))
         lowered = True
     except OSError:
         pass
+    if os.getsid(0) == os.getpid():
+        try:
+            with open("/proc/self/autogroup", "w") as f:  # Linux with CONFIG_SCHED_AUTOGROUP
+                f.write(str(niceness))
+            lowered = True
+        except OSError:  # no autogroup, or the session is in the root group, whose weight is fixed
+            pass
     return lowered
 
 
