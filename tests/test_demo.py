@@ -50,16 +50,17 @@ def test_ppo_with_verifiable_reward_raises_held_out_accuracy(sft, tmp_path):
 @pytest.mark.skipif(not vllm_available(), reason="vllm not installed")
 def test_async_rollouts_from_a_separate_ray_actor_raise_held_out_accuracy(sft, tmp_path):
     """The PPO demo under `--launcher ray` (a trainer actor and a vLLM engine actor in placement groups
-    of their own), rollouts one step ahead of training, for 30 steps (the gain comes early; evals at
-    0, 15 and 30): accuracy rises by at least 0.25, and every step after the first trained on the
-    previous policy's samples (lag 1) while the engine generated the next batch."""
+    of their own), rollouts one step ahead of training, for 20 steps (the gain comes early; evals at
+    0, 10 and 20, measured 2026-12-04: 0.265, 0.52, 0.69): accuracy rises by at least 0.25, and every
+    step after the first trained on the previous policy's samples (lag 1) while the engine generated
+    the next batch."""
     import subprocess
     import sys
     pytest.importorskip("ray")
     from tests.multinode import history
     proc = subprocess.run([sys.executable, "-m", "engine.cli", "ppo", "--config=tools/configs/demo_ppo.yaml",
                            f"--actor={sft}", f"--out_dir={tmp_path}/ppo", "--rollout.backend=vllm",
-                           "--rollout.placement=separate", "--rollout.async=true", "--steps=30", "--eval.every=15",
+                           "--rollout.placement=separate", "--rollout.async=true", "--steps=20", "--eval.every=10",
                            "--export_hf=false", "--launcher=ray", "--ranks=2"], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,7 +68,7 @@ def test_async_rollouts_from_a_separate_ray_actor_raise_held_out_accuracy(sft, t
     acc = _evals(lines, "eval_accuracy")
     assert acc[-1] - acc[0] >= 0.25, acc
     steps = [x for x in lines if "policy_lag" in x]
-    assert [x["policy_lag"] for x in steps] == [0] + [1] * 29
+    assert [x["policy_lag"] for x in steps] == [0] + [1] * 19
     assert sum(x["overlap_saved_s"] for x in steps[1:]) > 0
 
 
@@ -81,12 +82,13 @@ def test_dpo_reaches_90_percent_held_out_preference_accuracy(sft, tmp_path):
 
 
 def test_ppo_in_fp8_still_raises_held_out_accuracy(sft, tmp_path):
-    """The PPO demo as shipped (150 steps) with the four models in fp8 (decoder GEMMs in FP8, current
-    scaling; the native sampler generates and is graded in fp8 too). One eval of 200 problems moves by
-    a few points from one eval to the next, so the end is the mean of the last two (steps 125, 150)."""
+    """The PPO demo's first 75 steps, as the bf16 test above runs it, with the four models in fp8
+    (decoder GEMMs in FP8, current scaling; the native sampler generates and is graded in fp8 too):
+    the precision issue's +0.10, as the mean of the last two evals (measured 2026-12-04: 0.245 ->
+    0.575, 0.605, 0.65 at steps 25-75; the 150-step demo from the bf16 SFT gained only +0.11)."""
     cfg = load_config(PPOConfig, "tools/configs/demo_ppo.yaml",
                       [f"--actor={sft}", f"--out_dir={tmp_path}/ppo", "--rollout.backend=native", "--precision=fp8",
-                       "--eval.every=25", "--export_hf=false"])
+                       "--steps=75", "--eval.every=25", "--export_hf=false"])
     acc = _evals(ppo(cfg), "eval_accuracy")
     assert (acc[-1] + acc[-2]) / 2 - acc[0] >= 0.1 - 1e-6, acc  # accuracies are multiples of 1/200
 
