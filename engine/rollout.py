@@ -33,6 +33,20 @@ class Rollout:
     logprobs: list[list[float]]
     """Log-prob of each sampled token under softmax(logits / temperature) of the generating weights."""
 
+    def to_tensors(self, width: int | None = None) -> dict[str, torch.Tensor]:
+        """Rows of tokens padded with -1 and their float32 log-probs: how a batch travels and is saved."""
+        width = max((len(r) for r in self.responses), default=0) if width is None else width
+        tokens = torch.full((len(self.responses), width), -1, dtype=torch.int64)
+        logprobs = torch.zeros(len(self.responses), width, dtype=torch.float32)
+        for i, (r, lp) in enumerate(zip(self.responses, self.logprobs)):
+            tokens[i, :len(r)], logprobs[i, :len(r)] = torch.tensor(r, dtype=torch.int64), torch.tensor(lp)
+        return {"tokens": tokens, "logprobs": logprobs}
+
+    @classmethod
+    def from_tensors(cls, tokens: torch.Tensor, logprobs: torch.Tensor) -> "Rollout":
+        n = (tokens >= 0).sum(1).tolist()
+        return cls([row[:k] for row, k in zip(tokens.tolist(), n)], [row[:k] for row, k in zip(logprobs.tolist(), n)])
+
 
 class NativeRollout:
     name = "native"
@@ -271,19 +285,14 @@ class VLLMRollout(NetworkWeights):
         for e, host in enumerate(self.place.hosts):
             mine = self.engine is not None and host == self.rank
             share = self._share(len(prompts), e)[1]
-            tokens = torch.full((share, width), -1, dtype=torch.int64)
-            lps = torch.zeros(share, width, dtype=torch.float32)
-            took = torch.zeros(1, dtype=torch.float64)
-            if mine:
-                made_r, made_lp, took[0] = self._made
-                for i, (r, lp) in enumerate(zip(made_r, made_lp)):
-                    tokens[i, :len(r)], lps[i, :len(r)] = torch.tensor(r, dtype=torch.int64), torch.tensor(lp)
+            made = Rollout(*self._made[:2]) if mine else Rollout([[]] * share, [[]] * share)
+            part = made.to_tensors(width)
+            took = torch.tensor([self._made[2] if mine else 0.0], dtype=torch.float64)
             if self.link is not None:
-                for t in (tokens, lps, took):
+                for t in (part["tokens"], part["logprobs"], took):
                     self._link_op(lambda t=t: self.link.broadcast(t, host), f"results of rollout engine {e}")
-            n = (tokens >= 0).sum(1).tolist()
-            responses += [row[:k] for row, k in zip(tokens.tolist(), n)]
-            logprobs += [row[:k] for row, k in zip(lps.tolist(), n)]
+            part = Rollout.from_tensors(part["tokens"], part["logprobs"])
+            responses, logprobs = responses + part.responses, logprobs + part.logprobs
             seconds.append(float(took))
         self.pending = self._made = None
         self.engine_seconds = max(seconds)
@@ -293,6 +302,15 @@ class VLLMRollout(NetworkWeights):
         """Take a posted generation's results before the engines are used again."""
         if self.pending is not None:
             self.ready = self._gather()
+
+    def in_flight(self) -> Rollout | None:
+        """The posted batch, gathered now (collective) and kept for `collect`: what a checkpoint saves."""
+        self._drain()
+        return self.ready
+
+    def hold(self, batch: Rollout, engine_seconds: float) -> None:
+        """Take a batch generated before a resume as the posted one, for the next `collect`."""
+        self.ready, self.engine_seconds = batch, engine_seconds
 
     # ---- the control link ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ half-written checkpoint looking complete.
       model.optim/master/         exactly like the weights
       model.fp8/pp00.safetensors  FP8 scaling state per pipeline rank (restored when the layout matches)
       rng/rank-00000.json         python / numpy / torch / CUDA generator states of every rank
+      trainer_tensors.safetensors the recipe's tensors, if any (PPO: the batch in flight under async rollouts)
       trainer_state.json          written last: steps, loss scaler, data position, recipe state, layout
     latest                        the name of the newest complete checkpoint, replaced last
 
@@ -40,7 +41,7 @@ from parallel import comm
 from parallel.config import NonNegInt, PositiveInt
 
 FORMAT, VERSION = "trident-train-state", 1
-STATE_FILE, LATEST = "trainer_state.json", "latest"
+STATE_FILE, LATEST, TENSORS_FILE = "trainer_state.json", "latest", "trainer_tensors.safetensors"
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
 
 
@@ -121,10 +122,11 @@ class PendingSave:
 
 
 def save(root: str | os.PathLike, step: int, handles: dict, state, trainer: dict, keep_last: int,
-         tokenizer_path: str | None = None, async_save: bool = False) -> PendingSave:
-    """Save every handle's full training state and the recipe's `trainer` dict (JSON) as checkpoint
-    `step` under root (collective: every rank calls it). The state is copied to host memory first;
-    synchronous saves are finalized before this returns, async ones by the caller (`finalize()`)."""
+         tokenizer_path: str | None = None, async_save: bool = False, tensors: dict | None = None) -> PendingSave:
+    """Save every handle's full training state, the recipe's `trainer` dict (JSON) and its `tensors`
+    (the same on every rank; rank 0 writes them) as checkpoint `step` under root (collective: every
+    rank calls it). The state is copied to host memory first; synchronous saves are finalized before
+    this returns, async ones by the caller (`finalize()`)."""
     root = Path(root)
     staging = ckpt.staging_dir(root / step_name(step))
     if state.rank == 0:
@@ -149,6 +151,8 @@ def save(root: str | os.PathLike, step: int, handles: dict, state, trainer: dict
             files.append((staging / f"{name}.fp8" / f"pp{state.pp_rank:02d}.safetensors",
                           {"scale": fp8["scale"].cpu(), "history": fp8["history"].cpu()},
                           {"names": json.dumps(fp8["names"]), "started": str(fp8["started"])}))
+    if tensors and state.rank == 0:
+        files.append((staging / TENSORS_FILE, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, None))
     texts = [(staging / "rng" / f"rank-{state.rank:05d}.json", json.dumps(rng_state()))]
     doc = {"format": FORMAT, "version": VERSION, "step": step,
            "models": {name: _model_state(h) for name, h in handles.items()}, "trainer": trainer,
@@ -174,13 +178,14 @@ class Saver:
     def due(self, step: int) -> bool:
         return bool(self.cfg.save_every and step % self.cfg.save_every == 0) or (step == self.total and self.cfg.at_end)
 
-    def step_end(self, step: int, handles: dict, trainer) -> None:
+    def step_end(self, step: int, handles: dict, trainer, tensors=None) -> None:
         """After optimizer step `step`: save if due (`trainer`: the recipe state, or a function
-        returning it); then the fault tests' kill point."""
+        returning it; `tensors` likewise); then the fault tests' kill point."""
         if self.due(step):
             self.close()
             self.pending = save(self.root, step, handles, self.state, trainer() if callable(trainer) else trainer,
-                                self.cfg.keep_last, self.tokenizer, self.cfg.async_save)
+                                self.cfg.keep_last, self.tokenizer, self.cfg.async_save,
+                                tensors() if callable(tensors) else tensors)
         crash_point(f"after_step:{step}")
 
     def close(self) -> None:
@@ -254,6 +259,17 @@ def resume(found: tuple, handles: dict, state) -> tuple[int, dict | None]:
     say(f"resuming from {path} ({why})")
     saved = load(path, handles, state, say)
     return (saved["step"], saved) if saved else (0, None)
+
+
+def read_tensors(path: Path | None) -> dict[str, torch.Tensor]:
+    """The recipe's tensors saved with checkpoint `path` (empty if it has none)."""
+    if path is None or not (path / TENSORS_FILE).is_file():
+        return {}
+    try:
+        with safe_open(str(path / TENSORS_FILE), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise CheckpointError(f"{path / TENSORS_FILE} is not readable: {e}") from e
 
 
 def read_state(path: Path) -> dict:

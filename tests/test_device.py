@@ -61,7 +61,7 @@ def test_reward_model_step_and_scoring_stay_on_the_device():
 
 
 def _ppo_trainer(advantage="gae", **algo):
-    from engine.ppo import PPOTrainer
+    from engine.ppo_trainer import PPOTrainer
     from engine.ppo_config import PPOConfig
     cfg = PPOConfig(precision="bf16")
     cfg.rollout.backend = "native"

@@ -114,7 +114,7 @@ def test_data_parallel_ppo_matches_one_rank(actor, tmp_path, options):
 def test_fused_values_equal_a_separate_critic_scoring_pass(actor, tmp_path, monkeypatch):
     """With one on-policy update the critic's update pass supplies the old values (no critic scoring
     pass); the run is the same as with the scoring pass, step for step."""
-    import engine.ppo as ppo_module
+    import engine.ppo_trainer as ppo_module
     critic_scored = []
     real_value_step = ppo_module.value_step
 

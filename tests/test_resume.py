@@ -117,6 +117,26 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
         assert_same(tensors(step_dir(run, 6) / "model.optim/master"), tensors(step_dir(full, 6) / "model.optim/master"))
 
 
+def test_a_batch_in_flight_round_trips_through_a_checkpoint_file(tmp_path):
+    """What async PPO saves of its next batch: tokens and float32 log-probs, empty responses included,
+    come back exactly; a checkpoint without the file holds none; a broken file is refused."""
+    from engine.errors import CheckpointError
+    from engine.rollout import Rollout
+    from safetensors.torch import save_file
+    batch = Rollout([[5, 9, 2], [], [7]], [[-0.1, -2.5, -1e-7], [], [-3.25]])
+    tensors = batch.to_tensors()
+    assert tensors["tokens"].tolist() == [[5, 9, 2], [-1, -1, -1], [7, -1, -1]]
+    assert train_state.read_tensors(tmp_path) == {}
+    save_file(tensors, str(tmp_path / train_state.TENSORS_FILE))
+    back = train_state.read_tensors(tmp_path)
+    again = Rollout.from_tensors(back["tokens"], back["logprobs"])
+    assert again.responses == batch.responses
+    assert again.logprobs == [torch.tensor(lp, dtype=torch.float32).tolist() for lp in batch.logprobs]
+    (tmp_path / train_state.TENSORS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="trainer_tensors.safetensors is not readable"):
+        train_state.read_tensors(tmp_path)
+
+
 def test_broken_checkpoints_are_refused_with_one_line(tmp_path):
     run = tmp_path / "run"
     trident(TINY + ["--steps=1", f"--out_dir={run}", "--checkpoint.at_end=true"])

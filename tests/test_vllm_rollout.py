@@ -58,7 +58,7 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
     shared schedule, a sequence-level loss aggregation with clip-higher and a KL loss) at TP2 x PP2
     gives one rank's statistics. The same run with the engine on a torchrun "node" of its own (placement
     separate: the weights over the network only, the results back as tensors) equals the one-rank run
-    bit for bit, and so does the one-rank run resumed from its step-1 checkpoint."""
+    bit for bit (a resume with vLLM: the next test)."""
     from tests import train_workers
     from tests.distributed import run_ranks
     from tests.hf_models import save_hf_model
@@ -71,9 +71,7 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
             # the stabilisers of the RL-algorithms issue, under TP, PP and the shared schedule (4 micro-batches)
             "--algo.loss_agg=seq-mean-token-mean", "--algo.clip_eps_high=0.28", "--algo.kl_mode=loss",
             "--algo.kl_estimator=k3", "--algo.kl_clamp=5"]
-    one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one", "--checkpoint.save_every=1",
-                                                            "--checkpoint.keep_last=3"],
-                    timeout=900)[0]
+    one = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/one"], timeout=900)[0]
     four = run_ranks(4, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/four", "--parallel.tp=2",
                                                          "--parallel.pp=2"], timeout=900)
     keys = ["reward_mean", "kl", "policy_loss", "value_loss", "entropy", "response_len"]
@@ -85,12 +83,31 @@ def test_ppo_tp2_pp2_with_vllm_matches_one_rank(tmp_path):
     codes, out, _ = run_nodes(args + [f"--out_dir={tmp_path}/two", "--rollout.placement=separate"])
     assert codes == [0, 0], out[-3000:]
     assert untimed(history(tmp_path / "two")) == untimed(one)
-    # resumed from step 1 (a fresh engine gets the resumed actor before it generates, and vLLM's
-    # per-request seeds draw the same samples), step 2 is the uninterrupted run's, bit for bit
-    resumed = run_ranks(1, train_workers.ppo_history, args + [f"--out_dir={tmp_path}/resumed",
-                                                             f"--resume={tmp_path}/one/checkpoints/step-00000001"],
-                        timeout=900)[0]
-    assert untimed(resumed) == untimed(one[1:])
+
+
+def test_resumed_async_run_trains_on_the_batch_in_flight_bit_for_bit(vllm_actor, tmp_path):
+    """Async rollouts from a separate engine rank: checkpoint 1 keeps the batch the engine generated
+    from the initial weights while step 1 trained (step 2's). Resumed from it with a fresh engine,
+    step 2 trains on those samples (lag 1) and step 3 on what the fresh engine generated from the
+    resumed actor (so it got those weights before it generated, and vLLM's per-request seeds drew
+    the same samples): both equal the uninterrupted run's, bit for bit."""
+    from engine import train_state
+    from tests.multinode import history, run_nodes, tiny_ppo_args, untimed
+
+    def run(out, *extra):  # one torchrun node of two ranks: the trainer and the engine
+        codes, log, _ = run_nodes(tiny_ppo_args(vllm_actor, tmp_path / out, 3, "--rollout.placement=separate",
+                                                "--rollout.async=true", *extra), nodes=1, per_node=2)
+        assert codes == [0], log[-3000:]
+        return history(tmp_path / out)
+
+    whole = run("whole", "--checkpoint.save_every=1", "--checkpoint.keep_last=3")
+    assert [x["policy_lag"] for x in whole] == [0, 1, 1]
+    saved = tmp_path / "whole" / "checkpoints"
+    held = train_state.read_tensors(saved / "step-00000001")
+    assert sorted(held) == ["engine_seconds", "logprobs", "prompts", "tokens"] and held["tokens"].shape[0] == 8
+    assert train_state.read_tensors(saved / "step-00000003") == {}  # the last step posts no next batch
+    resumed = run("resumed", f"--resume={saved}/step-00000001")
+    assert untimed(resumed) == untimed(whole[1:])
 
 
 def test_reshard_from_tp2_pp2_over_the_network():

@@ -65,7 +65,7 @@ def _config(size: PPOSize, backend: str, dtype: str, old_logprobs: str):
 def run(size: PPOSize, backend: str = "vllm", dtype: str = "bf16", steps: int = 3, warmup: int = 1,
         old_logprobs: str = "recompute", size_name: str = "custom", vllm_eager: bool = True,
         compile_layers: bool = False, vllm_cpu_reserve: int = 0, network: bool = False, log=print) -> dict:
-    from engine.ppo import PPOTrainer
+    from engine.ppo_trainer import PPOTrainer
     from parallel.state import init_parallel
 
     state = init_parallel(1, 1)
