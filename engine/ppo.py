@@ -92,11 +92,11 @@ def ppo(cfg: PPOConfig) -> list[dict]:
             return [i for i in pick for _ in range(group)], train_state.b64(rng.get_state())
 
         upcoming = None
+        if held and saved:  # the next step's prompts, for the batch the checkpoint kept
+            upcoming = draw()
+            trainer.resume_in_flight(held, upcoming[0], tqdm.write if main_rank else (lambda msg: None))
         for step in bar:
             pick, rng_after = upcoming or draw()
-            if held and saved:
-                trainer.resume_in_flight(held, pick, tqdm.write if main_rank else (lambda msg: None))
-                held = None
             upcoming = draw() if ro.async_ and step < cfg.steps else None  # generated while this step trains
             batch = [records[i] for i in pick]
 

@@ -92,7 +92,7 @@ class PPOTrainer:
         """The next step's batch, which the engines generated from the previous weights while this step
         trained (async rollouts), with its prompts' indices: a checkpoint keeps it so that a resumed
         run trains on these samples as the uninterrupted run does (collective)."""
-        batch = self.rollout.in_flight() if self.cfg.rollout.async_ else None
+        batch = self.rollout.in_flight()  # only async rollouts post a next batch (vLLM, separate engines)
         if batch is None:
             return {}
         return {**batch.to_tensors(), "prompts": torch.tensor(pick, dtype=torch.int64),

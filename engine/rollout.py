@@ -1,7 +1,8 @@
 """Rollout generation behind one interface: prompts -> responses + per-token log-probs.
 
 Backends:
-  native  the engine's own TP sampler (engine/sampler.py) on the training weights: nothing to sync.
+  native  the engine's own TP sampler (engine/sampler.py) on the training weights: nothing to sync
+          (engine/native_rollout.py, with the Rollout every backend returns).
   vllm    N vllm.LLM engines (engine/vllm_engine.py), on training ranks or on ranks of their own; after
           every actor update their weights are replaced in place by the slices' owners
           (parallel/reshard.py): through one shared-memory file of full HF-named tensors on one host,
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampler import SamplingParams, generate
+from engine.native_rollout import NativeRollout, Rollout
+from engine.sampler import SamplingParams
 from engine.engine_ranks import host_address, use_engine_devices, watch, yield_cpu_to_trainers
 from engine.network_weights import NetworkWeights
 from engine.vllm_engine import VLLMEngine, vllm_available  # noqa: F401 (public name)
@@ -25,46 +27,6 @@ from engine.vllm_worker import vllm_tp_shards
 from engine.weights import adopt_parameters, local_pieces
 from parallel import comm
 from parallel.reshard import SharedTarget, WireSender
-
-
-@dataclass
-class Rollout:
-    responses: list[list[int]]
-    logprobs: list[list[float]]
-    """Log-prob of each sampled token under softmax(logits / temperature) of the generating weights."""
-
-    def to_tensors(self, width: int | None = None) -> dict[str, torch.Tensor]:
-        """Rows of tokens padded with -1 and their float32 log-probs: how a batch travels and is saved."""
-        width = max((len(r) for r in self.responses), default=0) if width is None else width
-        tokens = torch.full((len(self.responses), width), -1, dtype=torch.int64)
-        logprobs = torch.zeros(len(self.responses), width, dtype=torch.float32)
-        for i, (r, lp) in enumerate(zip(self.responses, self.logprobs)):
-            tokens[i, :len(r)], logprobs[i, :len(r)] = torch.tensor(r, dtype=torch.int64), torch.tensor(lp)
-        return {"tokens": tokens, "logprobs": logprobs}
-
-    @classmethod
-    def from_tensors(cls, tokens: torch.Tensor, logprobs: torch.Tensor) -> "Rollout":
-        n = (tokens >= 0).sum(1).tolist()
-        return cls([row[:k] for row, k in zip(tokens.tolist(), n)], [row[:k] for row, k in zip(logprobs.tolist(), n)])
-
-
-class NativeRollout:
-    name = "native"
-
-    def __init__(self, model, eos_id: int, pad_id: int):
-        self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
-
-    def sync(self, model) -> float:
-        return 0.0  # generates from the training weights themselves
-
-    def push(self, model) -> None:
-        pass
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
-        return Rollout(*generate(self.model, prompts, params, self.eos_id, self.pad_id))
-
-    def close(self) -> None:
-        pass
 
 
 GENERATE, SYNC, STOP = 1, 2, 3
@@ -292,7 +254,8 @@ class VLLMRollout(NetworkWeights):
                 for t in (part["tokens"], part["logprobs"], took):
                     self._link_op(lambda t=t: self.link.broadcast(t, host), f"results of rollout engine {e}")
             part = Rollout.from_tensors(part["tokens"], part["logprobs"])
-            responses, logprobs = responses + part.responses, logprobs + part.logprobs
+            responses += part.responses
+            logprobs += part.logprobs
             seconds.append(float(took))
         self.pending = self._made = None
         self.engine_seconds = max(seconds)
