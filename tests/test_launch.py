@@ -116,3 +116,17 @@ def test_a_separate_engine_rank_lowers_itself_and_its_own_session_only():
     assert run(False) == ["True", before[0], "19", "False"]
     assert _priorities() == before
 
+
+def _rank_sees(rank, world):
+    return os.environ.get("TRIDENT_LAUNCH_PROBE"), "HOME" in os.environ, os.getcwd(), int(os.environ["RANK"])
+
+
+def test_local_ranks_see_this_process_environment_and_directory_as_they_are_now(monkeypatch, tmp_path):
+    """run_ranks forks its ranks from a server started on the first call (torch imported once); a rank
+    still gets the caller's environment and directory as they are at this call, as a spawned one did."""
+    from parallel.launch import run_ranks
+    run_ranks(1, _rank_sees)  # the server is up, with the environment as it was
+    monkeypatch.setenv("TRIDENT_LAUNCH_PROBE", "set after the server started")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert run_ranks(2, _rank_sees) == [("set after the server started", False, str(tmp_path), r) for r in (0, 1)]
