@@ -32,11 +32,11 @@ def _context():
     return ctx
 
 
-def _worker(rank, world, port, threads, fn, args, queue, env, cwd):
-    # a forked rank inherits the server's environment and directory, not this process's current ones
+def _worker(rank, world, port, threads, fn, args, queue, env):
+    # a forked rank inherits the server's environment, not this process's current one (its directory,
+    # sys.path and __main__ come over as a spawned rank's do)
     os.environ.clear()
     os.environ.update(env)
-    os.chdir(cwd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
@@ -63,8 +63,8 @@ def run_ranks(world: int, fn, *args, timeout: float = 600, threads: int = 1) -> 
     ctx = _context()
     q = ctx.Queue()
     port = free_port()
-    env, cwd = dict(os.environ), os.getcwd()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, threads, fn, args, q, env, cwd)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, threads, fn, args, q, dict(os.environ)))
+             for r in range(world)]
     for p in procs:
         p.start()
     results, failure = {}, None
