@@ -99,8 +99,8 @@ def test_a_separate_engine_rank_lowers_itself_and_its_own_session_only():
     probe = ("import os; from engine.engine_ranks import yield_cpu_to_trainers; from tests.test_launch import _priorities; "
              "print(yield_cpu_to_trainers(), *_priorities(), os.getsid(0) == os.getpid())")
 
-    def run(new_session):
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+    def run(new_session, code=probe):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                              start_new_session=new_session, env={**os.environ, "PYTHONPATH": ROOT})
         assert out.returncode == 0, out.stderr
         return out.stdout.split()
@@ -108,9 +108,7 @@ def test_a_separate_engine_rank_lowers_itself_and_its_own_session_only():
     before = _priorities()
     # A fresh session gets an autogroup of its own even where this one shows none (the CI machine's
     # harness runs in the root group, which the kernel does not show), so ask one first.
-    fresh = subprocess.run([sys.executable, "-c", "from tests.test_launch import _priorities; print(_priorities()[0])"],
-                           capture_output=True, text=True, cwd=ROOT, timeout=120, start_new_session=True,
-                           env={**os.environ, "PYTHONPATH": ROOT}).stdout.split()
+    fresh = run(True, "from tests.test_launch import _priorities; print(_priorities()[0])")
     autogroup = "none" if fresh == ["none"] else "19"
     assert run(True) == ["True", autogroup, "19", "True"]
     assert run(False) == ["True", before[0], "19", "False"]
